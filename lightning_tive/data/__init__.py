@@ -1,0 +1,1 @@
+"""Data layer: LLaVA-format records, conversation template, collator, tasks, DataModule, demo."""

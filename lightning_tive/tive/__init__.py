@@ -1,0 +1,1 @@
+"""Pure tensor-level TIVE method: projections, per-example gradients, values, budget, sampling."""
