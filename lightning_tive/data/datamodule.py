@@ -1,0 +1,428 @@
+"""LlavaDataModule: the pool, the held-out split, and the index API that TIVE drives."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, RandomSampler, Sampler
+
+from lightning_tive.data.dataset import Encoder, IndexView, LlavaCollator, LlavaDataset, Pool
+from lightning_tive.data.demo import DemoConfig
+from lightning_tive.data.images import ImageTransform, image_token_count
+from lightning_tive.data.records import (
+    BadRecordPolicy,
+    SkipLog,
+    apply_policy,
+    load_records,
+    record_id,
+    structure_problem,
+)
+from lightning_tive.data.tasks import TaskLabeller
+from lightning_tive.data.template import build_template
+
+EvalKind = Literal["exact_match", "token_f1", "loss_only"]
+SHORT_ANSWER_WORDS = 4  # held-out answers up to this many words are scored by exact match
+LENGTH_CHECK_BATCH = 1024
+
+
+class LlavaDataModule(L.LightningDataModule):
+    """LLaVA-format data for Lightning, with the pool-index API TIVE needs.
+
+    Args:
+        train_path: LLaVA JSON / JSON Lines training pool (required unless `demo` is set).
+        image_folder: root that records' `image` paths are relative to.
+        val_path: held-out records; otherwise `val_ratio` of each task is held out (seeded).
+        val_ratio: fraction of each task held out when no `val_path` is given.
+        max_length: token limit per example, image tokens included.
+        batch_size: per-device training batch size.
+        eval_batch_size: per-device validation batch size (defaults to `batch_size`).
+        num_workers: DataLoader workers.
+        on_bad_record: `raise` stops at the first bad record; `skip` logs it to skipped.jsonl.
+        task_rules: user task rules, `[{task, image_regex?, prompt_regex?}]`, first match wins.
+        image_aspect_ratio: `pad` (LLaVA-1.5), `resize`, or `crop` (processor default).
+        template: conversation template, `vicuna_v1` (LLaVA-1.5) or `chat` (tokenizer's own).
+        demo: generate and use the built-in demo mixture; null for real data.
+        output_dir: where skipped.jsonl goes (defaults to the trainer's log dir).
+        seed: seed for the held-out split and the training shuffle.
+        group_by_length: LLaVA's group-by-modality-length batching, for throughput.
+        check_lengths: tokenize every record at setup to find over-long ones before training.
+        max_val_per_task: cap on held-out examples per task (keeps validation quick).
+        task_eval_kinds: per-task metric (`exact_match`, `token_f1`, `loss_only`); others are inferred.
+        val_max_new_tokens: generation length for validation metrics.
+    """
+
+    def __init__(
+        self,
+        train_path: str | None = None,
+        image_folder: str | None = None,
+        val_path: str | None = None,
+        val_ratio: float = 0.0,
+        max_length: int = 2048,
+        batch_size: int = 4,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        on_bad_record: BadRecordPolicy = "raise",
+        task_rules: list[dict] | None = None,
+        image_aspect_ratio: Literal["pad", "resize", "crop"] = "pad",
+        template: str = "vicuna_v1",
+        demo: DemoConfig | None = None,
+        output_dir: str | None = None,
+        seed: int = 0,
+        group_by_length: bool = False,
+        check_lengths: bool = True,
+        max_val_per_task: int | None = None,
+        task_eval_kinds: dict[str, EvalKind] | None = None,
+        val_max_new_tokens: int = 16,
+    ):
+        super().__init__()
+        if on_bad_record not in ("raise", "skip"):
+            raise ValueError(f"data.on_bad_record must be 'raise' or 'skip', got {on_bad_record!r}")
+        if not 0.0 <= val_ratio < 1.0:
+            raise ValueError(f"data.val_ratio must be in [0, 1), got {val_ratio}")
+        if train_path is None and demo is None:
+            raise ValueError("data.train_path is required when data.demo is null")
+        if image_aspect_ratio not in ("pad", "resize", "crop"):
+            raise ValueError(f"data.image_aspect_ratio must be pad|resize|crop, got {image_aspect_ratio!r}")
+        self.train_path, self.image_folder, self.val_path = train_path, image_folder, val_path
+        self.val_ratio, self.max_length = val_ratio, max_length
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.on_bad_record = num_workers, on_bad_record
+        self.labeller = TaskLabeller(task_rules or [])
+        self.image_aspect_ratio, self.template_name, self.demo = image_aspect_ratio, template, demo
+        self.output_dir, self.seed, self.group_by_length = output_dir, seed, group_by_length
+        self.check_lengths, self.max_val_per_task = check_lengths, max_val_per_task
+        self.task_eval_kinds = dict(task_eval_kinds or {})
+        self.val_max_new_tokens = val_max_new_tokens
+        self.processor: Any = None
+        self.pool: Pool | None = None
+        self.val_pool: Pool | None = None
+        self.train_indices: np.ndarray | None = None
+        self.skip_log: SkipLog | None = None
+        self._dataset: LlavaDataset | None = None
+        self._val_dataset: LlavaDataset | None = None
+
+    # ---------------------------------------------------------------- set-up
+    def attach_processor(self, processor: Any) -> None:
+        """Give the DataModule the model's processor (the CLI does this through the trainer)."""
+        self.processor = processor
+
+    def _resolve_processor(self) -> Any:
+        if self.processor is None and self.trainer is not None:
+            self.processor = getattr(self.trainer.lightning_module, "processor", None)
+        if self.processor is None:
+            raise RuntimeError(
+                "LlavaDataModule has no processor: run it under a Trainer whose LightningModule has "
+                "`.processor`, or call `attach_processor(processor)` first"
+            )
+        return self.processor
+
+    def _output_dir(self) -> Path:
+        if self.output_dir is not None:
+            return Path(self.output_dir)
+        if self.trainer is not None:
+            return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        return Path.cwd()
+
+    def _is_global_zero(self) -> bool:
+        return self.trainer is None or self.trainer.is_global_zero
+
+    def prepare_data(self) -> None:
+        """Generate the demo mixture once (cached), before any process reads it."""
+        if self.demo is not None:
+            self._demo_paths()
+
+    def _demo_paths(self) -> Any:
+        from lightning_tive.data.demo import ensure_demo
+
+        return ensure_demo(self.demo)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read, check and label the records; build the pool and the held-out split (once)."""
+        if self.pool is not None:
+            return
+        processor = self._resolve_processor()
+        if self.demo is not None:
+            paths = self._demo_paths()
+            self.train_path, self.val_path = str(paths.train_json), str(paths.val_json)
+            self.image_folder = str(paths.image_folder)
+        tokenizer = processor.tokenizer
+        self.encoder = Encoder(
+            tokenizer=tokenizer,
+            template=build_template(self.template_name, tokenizer),
+            image_token_id=tokenizer.convert_tokens_to_ids(processor.image_token),
+            num_image_tokens=image_token_count(processor),
+            max_length=self.max_length,
+        )
+        self.image_transform = ImageTransform(processor.image_processor, self.image_aspect_ratio)
+        skipped_path = self._output_dir() / "skipped.jsonl"
+        if self._is_global_zero() and skipped_path.exists():
+            skipped_path.unlink()  # a fresh run re-checks everything and rewrites the list
+        self.skip_log = SkipLog(skipped_path if self._is_global_zero() else None)
+
+        pool = self._build_pool(self.train_path, stage="train")
+        if self.val_path is not None:
+            val_pool = self._build_pool(self.val_path, stage="val")
+        elif self.val_ratio > 0:
+            pool, val_pool = self._split_held_out(pool)
+        else:
+            val_pool = None
+        names = sorted(set(pool.task_names) | set(val_pool.task_names if val_pool else []))
+        self.pool = _relabel(pool, names)
+        self.val_pool = _relabel(val_pool, names) if val_pool is not None else None
+        if self.val_pool is not None and self.max_val_per_task:
+            self.val_pool = _cap_per_task(self.val_pool, self.max_val_per_task, self.seed)
+        if self.train_indices is None:
+            self.train_indices = np.arange(len(self.pool), dtype=np.int64)
+        self._dataset = self._dataset_for(self.pool)
+        self._val_dataset = self._dataset_for(self.val_pool) if self.val_pool is not None else None
+        counts = Counter(self.pool.task_of(i) for i in range(len(self.pool)))
+        rank_zero_info(
+            f"[lightning_tive] pool: {len(self.pool)} examples in {len(counts)} tasks {dict(sorted(counts.items()))}; "
+            f"held out: {len(self.val_pool) if self.val_pool else 0}; skipped: {self.skip_log.count}"
+        )
+        if counts.get("unknown"):
+            rank_zero_info(f"[lightning_tive] {counts['unknown']} pool examples matched no task rule: task 'unknown'")
+
+    def _dataset_for(self, pool: Pool) -> LlavaDataset:
+        return LlavaDataset(
+            pool=pool,
+            encoder=self.encoder,
+            image_transform=self.image_transform,
+            image_folder=self.image_folder,
+            on_bad_record=self.on_bad_record,
+            skip_log=self.skip_log,
+        )
+
+    def _build_pool(self, path: str, stage: str) -> Pool:
+        records = load_records(path)
+        problems: list[tuple[int, Any, str]] = []
+        valid: list[int] = []
+        for position, record in enumerate(records):
+            reason = structure_problem(record)
+            if reason is None and record.get("image") is not None:
+                if not os.path.isfile(os.path.join(self.image_folder or "", record["image"])):
+                    reason = f"image file {record['image']!r} not found under {self.image_folder!r}"
+            if reason is None:
+                valid.append(position)
+            else:
+                problems.append((position, record_id(record, position), reason))
+        if self.check_lengths:
+            problems.extend(self._length_problems(records, valid))
+            bad = {p for p, _, _ in problems}
+            valid = [p for p in valid if p not in bad]
+        problems.sort(key=lambda p: p[0])
+        apply_policy(problems, self.on_bad_record, self.skip_log, stage=stage, source=path)
+        kept = [records[p] for p in valid]
+        labels, _ = self.labeller.label_all(kept)
+        names = sorted(set(labels))
+        index = {name: i for i, name in enumerate(names)}
+        return Pool(
+            records=kept,
+            positions=np.asarray(valid, dtype=np.int64),
+            task_ids=np.fromiter((index[t] for t in labels), dtype=np.int64, count=len(labels)),
+            task_names=names,
+            source=path,
+        )
+
+    def _length_problems(self, records: list, positions: list[int]) -> list[tuple[int, Any, str]]:
+        problems = []
+        for start in range(0, len(positions), LENGTH_CHECK_BATCH):
+            chunk = positions[start : start + LENGTH_CHECK_BATCH]
+            for position, result in zip(chunk, self.encoder.encode([records[p] for p in chunk])):
+                if isinstance(result, ValueError):
+                    problems.append((position, record_id(records[position], position), str(result)))
+        return problems
+
+    def _split_held_out(self, pool: Pool) -> tuple[Pool, Pool]:
+        rng = np.random.default_rng(self.seed)
+        held = np.zeros(len(pool), dtype=bool)
+        for task_id in range(len(pool.task_names)):
+            members = np.nonzero(pool.task_ids == task_id)[0]
+            count = int(round(self.val_ratio * len(members)))
+            if count and len(members) > 1:
+                held[rng.choice(members, size=min(count, len(members) - 1), replace=False)] = True
+        return _subset(pool, np.nonzero(~held)[0]), _subset(pool, np.nonzero(held)[0])
+
+    # ---------------------------------------------------------------- what TIVE needs
+    @property
+    def pool_size(self) -> int:
+        """Number of examples in the pool."""
+        return len(self._require_pool())
+
+    @property
+    def task_names(self) -> list[str]:
+        """Sorted task names shared by the pool and the held-out split."""
+        return list(self._require_pool().task_names)
+
+    @property
+    def pool_task_ids(self) -> np.ndarray:
+        """Task index (into `task_names`) of every pool example."""
+        return self._require_pool().task_ids
+
+    def pool_record(self, index: int) -> dict:
+        """The LLaVA record at a pool index, with its task filled in."""
+        pool = self._require_pool()
+        return {**pool.records[index], "task": pool.task_of(index)}
+
+    def pool_dataloader(self, indices: Sequence[int] | None = None, batch_size: int | None = None) -> DataLoader:
+        """A loader over pool indices in the given order; each batch carries `pool_index`."""
+        pool = self._require_pool()
+        indices = np.arange(len(pool)) if indices is None else np.asarray(indices, dtype=np.int64)
+        return DataLoader(
+            IndexView(self._dataset, indices),
+            batch_size=batch_size or self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=LlavaCollator(self._pad_id()),
+        )
+
+    def set_train_indices(self, indices: Sequence[int]) -> None:
+        """Train on this multiset of pool indices (repeats allowed) from the next loader on."""
+        pool = self._require_pool()
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.ndim != 1 or len(indices) == 0:
+            raise ValueError("set_train_indices needs a non-empty 1-D list of pool indices")
+        bad = indices[(indices < 0) | (indices >= len(pool))]
+        if len(bad):
+            raise IndexError(f"pool indices out of range [0, {len(pool)}): {bad[:5].tolist()}")
+        self.train_indices = indices.copy()
+
+    # ---------------------------------------------------------------- loaders
+    def train_dataloader(self) -> DataLoader:
+        """Serves exactly `train_indices` (the whole pool until TIVE swaps it), shuffled and seeded."""
+        self._require_pool()
+        view = IndexView(self._dataset, self.train_indices)
+        generator = torch.Generator().manual_seed(self.seed)
+        sampler: Sampler
+        if self.group_by_length:
+            sampler = ModalityLengthGroupedSampler(self._modality_lengths(self.train_indices), self.batch_size, generator)
+        else:
+            sampler = RandomSampler(view, generator=generator)
+        return DataLoader(
+            view,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=LlavaCollator(self._pad_id()),
+            persistent_workers=False,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Held-out examples with prompts and reference answers for generation metrics."""
+        self._require_pool()
+        if self._val_dataset is None:
+            return []
+        return DataLoader(
+            self._val_dataset,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=LlavaCollator(self._pad_id(), generation=True),
+        )
+
+    def test_dataloader(self) -> DataLoader | list:
+        """Same as validation: the held-out split."""
+        return self.val_dataloader()
+
+    # ---------------------------------------------------------------- metrics support
+    def task_eval_kind(self, task: str) -> EvalKind:
+        """Metric for a task: configured, else the demo's, else exact match for short held-out answers."""
+        if task in self.task_eval_kinds:
+            return self.task_eval_kinds[task]
+        if self.demo is not None:
+            from lightning_tive.data.demo import TASK_EVAL_KIND
+
+            if task in TASK_EVAL_KIND:
+                return TASK_EVAL_KIND[task]
+        pool = self.val_pool
+        if pool is None:
+            return "loss_only"
+        task_id = self.task_names.index(task)
+        answers = [pool.records[i]["conversations"][-1]["value"] for i in np.nonzero(pool.task_ids == task_id)[0]]
+        if answers and max(len(a.split()) for a in answers) <= SHORT_ANSWER_WORDS:
+            return "exact_match"
+        return "token_f1"
+
+    def _modality_lengths(self, indices: np.ndarray) -> np.ndarray:
+        # LLaVA's cheap length proxy: word count, negative for text-only records.
+        pool = self._require_pool()
+        out = np.empty(len(indices), dtype=np.int64)
+        for k, i in enumerate(indices):
+            record = pool.records[int(i)]
+            words = sum(len(t["value"].split()) for t in record["conversations"])
+            out[k] = words if record.get("image") is not None else -words
+        return out
+
+    def _pad_id(self) -> int:
+        tokenizer = self.processor.tokenizer
+        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def _require_pool(self) -> Pool:
+        if self.pool is None:
+            raise RuntimeError("the DataModule is not set up yet: call setup() first")
+        return self.pool
+
+    def state_dict(self) -> dict:
+        """The current training multiset, so a resumed run serves the same examples."""
+        return {"train_indices": None if self.train_indices is None else self.train_indices.tolist()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the training multiset."""
+        if state_dict.get("train_indices") is not None:
+            self.train_indices = np.asarray(state_dict["train_indices"], dtype=np.int64)
+
+
+class ModalityLengthGroupedSampler(Sampler[int]):
+    """Batches of one modality and similar length (LLaVA's `group_by_modality_length`), shuffled and seeded."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, generator: torch.Generator, megabatch_factor: int = 50):
+        self.lengths, self.batch_size, self.generator = np.asarray(lengths), batch_size, generator
+        self.megabatch = batch_size * megabatch_factor
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        batches: list[np.ndarray] = []
+        for modality in (self.lengths > 0, self.lengths <= 0):
+            members = np.nonzero(modality)[0]
+            order = members[torch.randperm(len(members), generator=self.generator).numpy()]
+            for start in range(0, len(order), self.megabatch):
+                mega = order[start : start + self.megabatch]
+                mega = mega[np.argsort(-np.abs(self.lengths[mega]), kind="stable")]
+                batches.extend(mega[i : i + self.batch_size] for i in range(0, len(mega), self.batch_size))
+        for b in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield from batches[b].tolist()
+
+
+def _subset(pool: Pool, keep: np.ndarray) -> Pool:
+    return Pool(
+        records=[pool.records[i] for i in keep],
+        positions=pool.positions[keep],
+        task_ids=pool.task_ids[keep],
+        task_names=pool.task_names,
+        source=pool.source,
+    )
+
+
+def _relabel(pool: Pool, names: list[str]) -> Pool:
+    index = {name: i for i, name in enumerate(names)}
+    remap = np.array([index[n] for n in pool.task_names], dtype=np.int64)
+    return Pool(pool.records, pool.positions, remap[pool.task_ids] if len(pool) else pool.task_ids, names, pool.source)
+
+
+def _cap_per_task(pool: Pool, cap: int, seed: int) -> Pool:
+    rng = np.random.default_rng(seed + 1)
+    keep = []
+    for task_id in range(len(pool.task_names)):
+        members = np.nonzero(pool.task_ids == task_id)[0]
+        keep.extend(members if len(members) <= cap else np.sort(rng.choice(members, cap, replace=False)))
+    return _subset(pool, np.sort(np.asarray(keep, dtype=np.int64)))

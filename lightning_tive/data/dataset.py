@@ -1,0 +1,181 @@
+"""The pool of valid examples, a map-style dataset over it, index views and the collator."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from lightning_tive.data.images import ImageTransform
+from lightning_tive.data.records import BadRecordError, BadRecordPolicy, SkipLog
+from lightning_tive.data.template import (
+    IGNORE_INDEX,
+    ConversationTemplate,
+    EncodedExample,
+    encode_conversations,
+)
+
+
+@dataclass
+class Pool:
+    """Valid records in pool order: pool index i is `records[i]`, with its source position and task."""
+
+    records: list[dict]
+    positions: np.ndarray  # int64 position of each record in its source file
+    task_ids: np.ndarray  # int64 index into `task_names`
+    task_names: list[str]
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def ids(self) -> list[Any]:
+        """The records' `id` fields, in pool order."""
+        return [r.get("id") for r in self.records]
+
+    def task_of(self, index: int) -> str:
+        """Task name of a pool index."""
+        return self.task_names[int(self.task_ids[index])]
+
+
+@dataclass
+class Encoder:
+    """Everything needed to turn a record into token ids and labels."""
+
+    tokenizer: Any
+    template: ConversationTemplate
+    image_token_id: int
+    num_image_tokens: int
+    max_length: int
+
+    def encode(self, records: Sequence[dict]) -> list[EncodedExample | ValueError]:
+        """Batched encoding; a record that cannot be encoded yields its problem instead."""
+        return encode_conversations(
+            self.tokenizer,
+            self.template,
+            [r["conversations"] for r in records],
+            [r.get("image") is not None for r in records],
+            image_token_id=self.image_token_id,
+            num_image_tokens=self.num_image_tokens,
+            max_length=self.max_length,
+        )
+
+
+@dataclass
+class LlavaDataset(Dataset):
+    """Map-style dataset over a Pool: item i is pool index i, encoded, with its image loaded lazily."""
+
+    pool: Pool
+    encoder: Encoder
+    image_transform: ImageTransform | None
+    image_folder: str | None
+    on_bad_record: BadRecordPolicy = "raise"
+    skip_log: SkipLog = field(default_factory=lambda: SkipLog(None))
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+    def image_path(self, record: dict) -> str:
+        """Where a record's image lives."""
+        return os.path.join(self.image_folder or "", record["image"])
+
+    def _bad(self, index: int, reason: str) -> dict:
+        record = self.pool.records[index]
+        position = int(self.pool.positions[index])
+        if self.on_bad_record == "raise":
+            raise BadRecordError(record.get("id"), position, reason, self.pool.source)
+        self.skip_log.write(record.get("id"), position, reason, stage="load")
+        return {"skipped": True, "pool_index": index}
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.pool.records[index]
+        encoded = self.encoder.encode([record])[0]
+        if isinstance(encoded, ValueError):
+            return self._bad(index, str(encoded))
+        pixel_values = None
+        if record.get("image") is not None:
+            try:
+                pixel_values = self.image_transform(self.image_transform.load(self.image_path(record)))
+            except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three for broken files
+                return self._bad(index, f"image {record['image']!r} is missing or unreadable ({err})")
+        last_answer = record["conversations"][-1]["value"]
+        return {
+            "input_ids": torch.from_numpy(encoded.input_ids),
+            "labels": torch.from_numpy(encoded.labels),
+            "pixel_values": pixel_values,
+            "pool_index": index,
+            "task_id": int(self.pool.task_ids[index]),
+            "answer_start": encoded.answer_start,
+            "answer": last_answer,
+        }
+
+
+class IndexView(Dataset):
+    """A dataset serving a list of pool indices, repeats allowed (a multiset)."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int]):
+        self.dataset = dataset
+        self.indices = np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> dict:
+        return self.dataset[int(self.indices[position])]
+
+
+def _pad(seqs: list[torch.Tensor], value: int, left: bool) -> torch.Tensor:
+    longest = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), longest), value, dtype=seqs[0].dtype)
+    for row, seq in enumerate(seqs):
+        if left:
+            out[row, longest - len(seq) :] = seq
+        else:
+            out[row, : len(seq)] = seq
+    return out
+
+
+@dataclass
+class LlavaCollator:
+    """Pads a list of examples into a batch; skipped items are dropped (they are already logged).
+
+    With `generation=True` it adds left-padded prompts (everything before the last answer) and the
+    reference answers, for greedy-generation metrics.
+    """
+
+    pad_token_id: int
+    generation: bool = False
+
+    def __call__(self, items: list[dict]) -> dict:
+        kept = [item for item in items if not item.get("skipped")]
+        batch: dict[str, Any] = {
+            "pool_index": torch.tensor([item["pool_index"] for item in kept], dtype=torch.long),
+            "task_id": torch.tensor([item.get("task_id", -1) for item in kept], dtype=torch.long),
+            "skipped_pool_index": torch.tensor(
+                [item["pool_index"] for item in items if item.get("skipped")], dtype=torch.long
+            ),
+        }
+        if not kept:
+            return batch
+        ids = [item["input_ids"] for item in kept]
+        batch["input_ids"] = _pad(ids, self.pad_token_id, left=False)
+        batch["labels"] = _pad([item["labels"] for item in kept], IGNORE_INDEX, left=False)
+        batch["attention_mask"] = _pad([torch.ones_like(i) for i in ids], 0, left=False)
+        pixels = [item["pixel_values"] for item in kept if item["pixel_values"] is not None]
+        batch["pixel_values"] = torch.stack(pixels) if pixels else None
+        if self.generation:
+            prompts = [
+                item["input_ids"][: item["answer_start"]] if item["answer_start"] is not None else item["input_ids"]
+                for item in kept
+            ]
+            batch["prompt_ids"] = _pad(prompts, self.pad_token_id, left=True)
+            batch["prompt_attention_mask"] = _pad([torch.ones_like(p) for p in prompts], 0, left=True)
+            batch["has_prompt"] = torch.tensor([item["answer_start"] is not None for item in kept])
+            batch["answers"] = [item["answer"] for item in kept]
+        return batch
