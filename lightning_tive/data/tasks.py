@@ -84,7 +84,9 @@ def _as_rule(rule: TaskRule | Mapping) -> TaskRule:
     if isinstance(rule, Mapping):
         extra = sorted(set(rule) - _RULE_KEYS)
         if extra:
-            raise ValueError(f"task rule {dict(rule)!r} has unknown key(s) {extra}; allowed: {sorted(_RULE_KEYS)}")
+            raise ValueError(
+                f"task rule {dict(rule)!r} has unknown key(s) {extra}; allowed: {sorted(_RULE_KEYS)}"
+            )
         if "task" not in rule:
             raise ValueError(f"task rule {dict(rule)!r} has no 'task'")
         return TaskRule(**rule)

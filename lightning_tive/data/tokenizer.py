@@ -176,10 +176,12 @@ def demo_tokenizer_path(cache_dir: str | Path | None = None) -> Path:
     try:
         build_demo_tokenizer(tmp)
         os.rename(tmp, final)
-    except OSError:
+    except OSError as err:
         # Another process renamed its copy into place first; use that one.
         if not (final / "tokenizer.json").is_file():
-            raise
+            raise RuntimeError(
+                f"could not create the tokenizer cache {final} (incomplete? delete it): {err}"
+            ) from err
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -46,14 +46,19 @@ MIX_665K = {
         "What color is the plane?",
         "White",
     ),
-    "okvqa": rec("coco/train2017/000000051606.jpg", "<image>\nWhat sport can you use this for?" + SHORT, "Surfing"),
+    "okvqa": rec(
+        "coco/train2017/000000051606.jpg", "<image>\nWhat sport can you use this for?" + SHORT, "Surfing"
+    ),
     "aokvqa": rec(
         "coco/train2017/000000299207.jpg",
-        "<image>\nWhat is the man by the bags awaiting?\nA. skateboarder\nB. train\nC. delivery\nD. cab" + CHOICE,
+        "<image>\nWhat is the man by the bags awaiting?\nA. skateboarder\nB. train\nC. delivery\nD. cab"
+        + CHOICE,
         "D",
     ),
     "gqa": rec("gqa/images/2354786.jpg", "<image>\nIs the sky dark?" + SHORT, "Yes"),
-    "ocr_vqa": rec("ocr_vqa/images/140031996.jpg", "<image>\nWho wrote this book?" + SHORT, "Mary Engelbreit"),
+    "ocr_vqa": rec(
+        "ocr_vqa/images/140031996.jpg", "<image>\nWho wrote this book?" + SHORT, "Mary Engelbreit"
+    ),
     "textcaps": rec(
         "textvqa/train_images/011e7e629fb9ae7b.jpg",
         "<image>\nProvide a one-sentence caption for the provided image.\nReference OCR token: FIAT, 500",
@@ -223,4 +228,3 @@ def test_bad_rules_raise_clear_errors(rule, message):
     with pytest.raises(ValueError) as err:
         TaskLabeller([rule])
     assert message in str(err.value)
-

@@ -171,3 +171,11 @@ def test_demo_tokenizer_path_survives_losing_the_race(tmp_path, monkeypatch):
     assert demo_tokenizer_path(tmp_path) == final
     assert sorted(p.name for p in tmp_path.iterdir()) == [final.name]  # temp folder cleaned up
     assert (final / "tokenizer.json").is_file()
+
+
+def test_demo_tokenizer_path_refuses_an_incomplete_cache_folder(tmp_path):
+    final = tmp_path / f"tokenizer-v{TOKENIZER_VERSION}"
+    final.mkdir()
+    (final / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(RuntimeError, match="incomplete"):
+        demo_tokenizer_path(tmp_path)
