@@ -7,7 +7,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -154,10 +154,15 @@ class LlavaModule(L.LightningModule):
             raise ValueError(f"model.finetune must be full|lora|qlora, got {finetune!r}")
         if torch_dtype not in (None, "bfloat16", "float16", "float32"):
             raise ValueError(f"model.torch_dtype must be bfloat16|float16|float32, got {torch_dtype!r}")
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        # Under LightningCLI and load_from_checkpoint, dataclass arguments may arrive as plain dicts.
-        self.tiny = TinyLlavaConfig(**tiny) if isinstance(tiny, dict) else tiny
+        # Dataclass arguments may arrive as dicts (LightningCLI, load_from_checkpoint); hyper-parameters
+        # keep plain dicts so checkpoints load with `weights_only=True`.
+        tiny = TinyLlavaConfig(**tiny) if isinstance(tiny, dict) else tiny
         lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
+        self.tiny = tiny
+        tiny = None if tiny is None else asdict(tiny)  # noqa: F841 (read by save_hyperparameters)
+        lora_settings, lora = lora, None if lora is None else asdict(lora)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        lora = lora_settings
         self.sources = {
             "pretrained": pretrained,
             "language_model": language_model,
@@ -187,7 +192,7 @@ class LlavaModule(L.LightningModule):
         """The underlying `LlavaForConditionalGeneration` (unwrapped from peft)."""
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
-    def _dtype(self) -> torch.dtype | None:
+    def _load_dtype(self) -> torch.dtype | None:
         return getattr(torch, self.torch_dtype) if self.torch_dtype else None
 
     def _build_processor(self) -> Any:
@@ -227,13 +232,14 @@ class LlavaModule(L.LightningModule):
     def _quantization_config(self) -> Any:
         from transformers import BitsAndBytesConfig
 
-        compute = self._dtype() or torch.float32
+        compute = self._load_dtype() or torch.float32
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute,
-            llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"],
+            # patterns match from the start of the module name (or as a suffix): anchor with .*
+            llm_int8_skip_modules=[r".*vision_tower", r".*multi_modal_projector", "lm_head"],
         )
 
     def _build_model(self) -> Any:
@@ -242,7 +248,7 @@ class LlavaModule(L.LightningModule):
         quant = self._quantization_config() if self.finetune == "qlora" else None
         if self.sources["pretrained"] is not None:
             return LlavaForConditionalGeneration.from_pretrained(
-                self.sources["pretrained"], dtype=self._dtype(), quantization_config=quant
+                self.sources["pretrained"], dtype=self._load_dtype(), quantization_config=quant
             )
         if self.tiny is not None:
             model = self._build_tiny()
@@ -253,7 +259,7 @@ class LlavaModule(L.LightningModule):
         # 4-bit loading goes through from_pretrained; a temporary folder makes it one code path.
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
-            return LlavaForConditionalGeneration.from_pretrained(tmp, dtype=self._dtype(), quantization_config=quant)
+            return LlavaForConditionalGeneration.from_pretrained(tmp, dtype=self._load_dtype(), quantization_config=quant)
 
     def _llava_config(self, vision_config: Any, text_config: Any) -> Any:
         from transformers import LlavaConfig
@@ -306,8 +312,8 @@ class LlavaModule(L.LightningModule):
         from transformers import AutoModelForCausalLM, CLIPVisionModel, LlavaForConditionalGeneration
 
         src = self.sources
-        lm = AutoModelForCausalLM.from_pretrained(src["language_model"], dtype=self._dtype())
-        vision = CLIPVisionModel.from_pretrained(src["vision_tower"], dtype=self._dtype())
+        lm = AutoModelForCausalLM.from_pretrained(src["language_model"], dtype=self._load_dtype())
+        vision = CLIPVisionModel.from_pretrained(src["vision_tower"], dtype=self._load_dtype())
         tokenizer = self.processor.tokenizer
         if len(tokenizer) > lm.get_input_embeddings().weight.shape[0]:
             lm.resize_token_embeddings(len(tokenizer))
@@ -320,7 +326,7 @@ class LlavaModule(L.LightningModule):
         projector = type(model.model.multi_modal_projector)(config)  # fresh, on CPU
         if src["projector_path"] is not None:
             projector.load_state_dict(load_llava_projector(src["projector_path"]))
-        model.model.multi_modal_projector = projector.to(self._dtype() or torch.float32)
+        model.model.multi_modal_projector = projector.to(self._load_dtype() or torch.float32)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         return model
 

@@ -1,0 +1,220 @@
+"""LlavaModule: the three build paths, the trainable sets of each mode, per-example loss, export."""
+
+from __future__ import annotations
+
+import re
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from lightning_tive.data.datamodule import LlavaDataModule
+from lightning_tive.data.demo import DemoConfig
+from lightning_tive.model import LlavaModule, TinyLlavaConfig, WarmupCosineLR, per_example_nll
+
+SMALL_DEMO = DemoConfig(train_sizes={"color": 8, "text": 6, "caption": 4, "count": 6}, val_size=2)
+
+
+def state(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def demo_dm(processor):
+    dm = LlavaDataModule(demo=SMALL_DEMO, max_length=256, batch_size=6)
+    dm.attach_processor(processor)
+    dm.setup("fit")
+    return dm
+
+
+def test_tiny_build_is_reproducible_from_its_seed():
+    a = LlavaModule(tiny=TinyLlavaConfig(), finetune="full")
+    b = LlavaModule(tiny=TinyLlavaConfig(), finetune="full")
+    c = LlavaModule(tiny=TinyLlavaConfig(), finetune="full", init_seed=1)
+    sa, sb, sc = state(a), state(b), state(c)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_pretrained_round_trip_loads_same_weights_and_processor(tmp_path):
+    from transformers import AutoProcessor
+
+    tiny = LlavaModule(tiny=TinyLlavaConfig(), finetune="full", init_seed=3)
+    tiny.llava.save_pretrained(tmp_path)
+    tiny.processor.save_pretrained(tmp_path)
+    loaded = LlavaModule(pretrained=str(tmp_path), finetune="full")
+    want, got = tiny.llava.state_dict(), loaded.llava.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    assert processor.tokenizer.get_vocab() == tiny.processor.tokenizer.get_vocab()
+    assert processor.patch_size == tiny.processor.patch_size
+
+
+def test_composed_from_lm_clip_and_original_projector_file(tmp_path, tokenizer):
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(
+        LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=4)
+    )
+    lm.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    clip = CLIPVisionModel(
+        CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                         image_size=64, patch_size=16)
+    )
+    clip.save_pretrained(tmp_path / "clip")
+    CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(tmp_path / "clip")
+    projector = {
+        "model.mm_projector.0.weight": torch.randn(48, 32),
+        "model.mm_projector.0.bias": torch.randn(48),
+        "model.mm_projector.2.weight": torch.randn(48, 48),
+        "model.mm_projector.2.bias": torch.randn(48),
+    }
+    torch.save(projector, tmp_path / "mm_projector.bin")
+
+    module = LlavaModule(
+        language_model=str(tmp_path / "lm"),
+        vision_tower=str(tmp_path / "clip"),
+        projector_path=str(tmp_path / "mm_projector.bin"),
+        finetune="full",
+    )
+    llava = module.llava
+    assert llava.config.vision_feature_layer == -2 and llava.config.vision_feature_select_strategy == "default"
+    assert torch.equal(llava.model.multi_modal_projector.linear_1.weight, projector["model.mm_projector.0.weight"])
+    assert torch.equal(llava.model.multi_modal_projector.linear_2.bias, projector["model.mm_projector.2.bias"])
+    assert torch.equal(llava.lm_head.weight, lm.lm_head.weight)
+    assert torch.equal(llava.model.language_model.layers[1].mlp.up_proj.weight, lm.model.layers[1].mlp.up_proj.weight)
+    assert torch.equal(
+        llava.model.vision_tower.encoder.layers[2].self_attn.q_proj.weight,
+        clip.encoder.layers[2].self_attn.q_proj.weight,
+    )
+    assert not any(p.is_meta for p in llava.parameters())
+    # it runs on a real image record: image tokens match the tower's patches
+    dm = LlavaDataModule(demo=DemoConfig(train_sizes={"color": 2}, val_size=0), max_length=256)
+    dm.attach_processor(module.processor)
+    dm.setup("fit")
+    batch = next(iter(dm.pool_dataloader(batch_size=2)))
+    assert module.per_example_loss(batch).isfinite().all()
+
+
+def test_bad_projector_keys_are_refused(tmp_path):
+    from lightning_tive.model import load_llava_projector
+
+    torch.save({"model.mm_projector.1.weight": torch.zeros(2, 2)}, tmp_path / "p.bin")
+    with pytest.raises(KeyError, match="unexpected projector key"):
+        load_llava_projector(tmp_path / "p.bin")
+
+
+LORA_NAME = re.compile(
+    r"model\.base_model\.model\.model\.language_model\.layers\.\d+\.(self_attn|mlp)\."
+    r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.lora_[AB]\.default\.weight"
+)
+PROJECTOR = re.compile(r".*multi_modal_projector\.linear_[12]\.(weight|bias)")
+
+
+@pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
+def test_trainable_parameters_are_exactly_the_intended_set(mode):
+    module = LlavaModule(tiny=TinyLlavaConfig(), finetune=mode)
+    names = [n for n, _ in module.trainable_parameters()]
+    assert not any("vision_tower" in n for n in names)
+    assert sum(bool(PROJECTOR.fullmatch(n)) for n in names) == 4
+    rest = [n for n in names if not PROJECTOR.fullmatch(n)]
+    layers = module.llava.config.text_config.num_hidden_layers
+    if mode == "full":
+        lm = {n for n, _ in module.named_parameters() if ".language_model." in n or ".lm_head." in n}
+        assert set(rest) == lm
+    else:
+        assert all(LORA_NAME.fullmatch(n) for n in rest), rest
+        assert len(rest) == layers * 7 * 2
+    if mode == "qlora":
+        import bitsandbytes as bnb
+
+        q_proj = module.llava.model.language_model.layers[0].self_attn.q_proj
+        assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit)
+        assert not isinstance(module.llava.model.vision_tower.encoder.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+
+
+@pytest.mark.parametrize("mode", ["lora", "qlora"])
+def test_a_training_step_leaves_the_vision_tower_untouched(mode, demo_dm):
+    module = LlavaModule(tiny=TinyLlavaConfig(), finetune=mode)
+    demo_dm.attach_processor(module.processor)
+    vision_before = {k: v.clone() for k, v in module.llava.model.vision_tower.state_dict().items()}
+    trainable_before = {n: p.detach().clone() for n, p in module.trainable_parameters()}
+    optimizer = torch.optim.AdamW([p for _, p in module.trainable_parameters()], lr=1e-2)
+    batch = next(iter(demo_dm.pool_dataloader(batch_size=6)))
+    module.training_step(batch, 0).backward()
+    optimizer.step()
+    after = module.llava.model.vision_tower.state_dict()
+    assert all(torch.equal(vision_before[k], after[k]) for k in vision_before)
+    changed = [n for n, p in module.trainable_parameters() if not torch.equal(trainable_before[n], p)]
+    assert any("lora_A" in n for n in changed) and any("multi_modal_projector" in n for n in changed)
+
+
+def test_per_example_loss_equals_batch_of_one(tiny_module, demo_dm):
+    demo_dm.attach_processor(tiny_module.processor)
+    tiny_module.eval()
+    indices = np.arange(demo_dm.pool_size)[::2]
+    batch = next(iter(demo_dm.pool_dataloader(indices, batch_size=len(indices))))
+    assert batch["pixel_values"].shape[0] < len(indices)  # a mixed image/text-only, padded batch
+    with torch.no_grad():
+        batched = tiny_module.per_example_loss(batch)
+        singles = torch.cat(
+            [tiny_module.per_example_loss(next(iter(demo_dm.pool_dataloader([i], batch_size=1)))) for i in indices]
+        )
+    torch.testing.assert_close(batched, singles, rtol=1e-5, atol=1e-5)
+    # and the training loss is the token mean over the batch, not the mean of example means
+    with torch.no_grad():
+        total, count = per_example_nll(tiny_module(batch).logits, batch["labels"])
+    torch.testing.assert_close(tiny_module.training_step(batch, 0), total.sum() / count.sum())
+
+
+def test_warmup_cosine_schedule_shape():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = WarmupCosineLR(opt, total_steps=100, warmup_ratio=0.1)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] < lrs[5] < lrs[9] and max(lrs) == pytest.approx(1.0, abs=0.02)
+    assert lrs[-1] < 0.01 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_fit_checkpoint_export_round_trip_generates_the_same_tokens(tmp_path, demo_dm):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from lightning_tive.cli import export_checkpoint
+
+    module = LlavaModule(tiny=TinyLlavaConfig(), finetune="lora", lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    dm = LlavaDataModule(demo=SMALL_DEMO, max_length=256, batch_size=6, output_dir=str(tmp_path))
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path,
+    )
+    trainer.fit(module, dm)
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    assert set(saved) == {n for n, _ in module.trainable_parameters()}  # frozen weights are not duplicated
+    lora_b = [p for n, p in module.trainable_parameters() if "lora_B" in n]
+    assert any(p.abs().sum() > 0 for p in lora_b)  # training moved LoRA off its zero init
+
+    module.eval()
+    batch = next(iter(dm.val_dataloader()))
+    expected = module.generate_answers(batch, max_new_tokens=6)
+    out = export_checkpoint(str(ckpt), str(tmp_path / "export"))
+    model = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        generated = model.generate(
+            input_ids=batch["prompt_ids"], attention_mask=batch["prompt_attention_mask"],
+            pixel_values=batch["pixel_values"], max_new_tokens=6, do_sample=False,
+            pad_token_id=processor.tokenizer.pad_token_id,
+        )
+    got = [t.strip() for t in processor.tokenizer.batch_decode(generated[:, batch["prompt_ids"].shape[1]:], skip_special_tokens=True)]
+    assert got == expected
