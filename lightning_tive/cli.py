@@ -63,8 +63,8 @@ def export_checkpoint(ckpt_path: str, output_dir: str, merge_from_full_precision
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point for `python -m lightning_tive`."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "export":
-        export_main(argv[1:])
+    words = sys.argv[1:] if argv is None else argv
+    if words and words[0] == "export":
+        export_main(words[1:])
         return
-    run_cli(argv)
+    run_cli(argv)  # None: LightningCLI reads sys.argv itself

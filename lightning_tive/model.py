@@ -450,10 +450,12 @@ class LlavaModule(L.LightningModule):
     def generate_answers(self, batch: dict, max_new_tokens: int | None = None) -> list[str]:
         """Greedy answers to each example's last question (the prompt before its last answer)."""
         tokenizer = self.processor.tokenizer
+        inputs = {"input_ids": batch["prompt_ids"], "attention_mask": batch["prompt_attention_mask"]}
+        pixels = self._pixels(batch)
+        if pixels is not None:  # transformers 5 generate() runs the vision tower even on pixel_values=None
+            inputs["pixel_values"] = pixels
         output = self.model.generate(
-            input_ids=batch["prompt_ids"],
-            attention_mask=batch["prompt_attention_mask"],
-            pixel_values=self._pixels(batch),
+            **inputs,
             max_new_tokens=max_new_tokens or self.val_max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,

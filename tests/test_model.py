@@ -218,3 +218,16 @@ def test_fit_checkpoint_export_round_trip_generates_the_same_tokens(tmp_path, de
         )
     got = [t.strip() for t in processor.tokenizer.batch_decode(generated[:, batch["prompt_ids"].shape[1]:], skip_special_tokens=True)]
     assert got == expected
+
+
+def test_generation_on_a_text_only_batch(tiny_module, demo_dm):
+    demo_dm.attach_processor(tiny_module.processor)
+    text_task = demo_dm.task_names.index("text")
+    indices = [i for i in range(demo_dm.pool_size) if demo_dm.pool_task_ids[i] == text_task][:3]
+    dataset = demo_dm._dataset
+    from lightning_tive.data.dataset import LlavaCollator
+
+    batch = LlavaCollator(tiny_module.processor.tokenizer.pad_token_id, generation=True)([dataset[i] for i in indices])
+    assert batch["pixel_values"] is None
+    answers = tiny_module.generate_answers(batch, max_new_tokens=3)
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)

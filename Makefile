@@ -1,0 +1,28 @@
+# Two entry points for a fresh machine; each sets up its own virtual environment first.
+#   make demo   the built-in demo run (tiny LLaVA on the demo mixture, CPU)
+#   make test   the test suite (what CI runs)
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# CPU build for laptops and CI; on a GPU machine install the CUDA build of torch first instead.
+TORCH ?= torch==2.13.0
+
+.PHONY: demo smoke test install
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) -m lightning_tive fit --config configs/demo.yaml
+
+smoke: $(VENV)/.installed
+	$(PY) -m lightning_tive fit --config configs/demo.yaml --config configs/smoke.yaml
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
