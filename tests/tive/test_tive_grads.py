@@ -1,0 +1,215 @@
+"""Per-example gradients: exact against a loop over batches of one, in every supported setting."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from tive_testutils import add_lora, make_batch, naive_reference, per_example_loss, tiny_llama
+
+from lightning_tive.tive.grads import find_lora_layers, layer_shapes, per_example_grads
+from lightning_tive.tive.projection import build_projector
+
+RTOL = 1e-5
+LENGTHS = [5, 11, 8, 3, 9]
+PROMPTS = [2, 6, 1, 1, 4]
+
+
+def assert_matches(result, ref_norms, ref_feats, rows=None):
+    rows = list(range(ref_norms.shape[0])) if rows is None else rows
+    norms, feats = result.norms[rows].double(), result.features[rows].double()
+    assert (norms - ref_norms[rows]).abs().max() <= RTOL * ref_norms[rows].max()
+    assert (feats - ref_feats[rows].double()).abs().max() <= RTOL * ref_feats[rows].abs().max()
+
+
+@pytest.fixture(scope="module")
+def lora_model():
+    return add_lora(tiny_llama())
+
+
+def test_find_lora_layers_lists_a_and_b_of_the_adapter(lora_model):
+    layers = find_lora_layers(lora_model)
+    assert len(layers) == 2 * 4 * 2  # decoder layers x (q,k,v,o) x (A,B)
+    names = [n for n, _ in layers]
+    assert names[0].endswith("layers.0.self_attn.q_proj.lora_A.default")
+    assert names[1].endswith("layers.0.self_attn.q_proj.lora_B.default")
+    assert layer_shapes(layers)[:2] == [(4, 64), (64, 4)]
+    with pytest.raises(ValueError, match="adapter 'other'.*default"):
+        find_lora_layers(lora_model, "other")
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize(
+    "kind, dim, norm_method",
+    [
+        ("identity", None, "auto"),
+        ("rademacher", 96, "auto"),
+        ("kronecker", 96, "materialise"),
+        ("kronecker", 96, "gram"),
+        ("kronecker", 4096, "auto"),  # larger than some layers: their share is exact
+    ],
+)
+def test_batched_equals_batch_of_one(lora_model, side, kind, dim, norm_method):
+    layers = find_lora_layers(lora_model)
+    proj = build_projector(kind, dim, 0, layer_shapes(layers))
+    batch = make_batch(LENGTHS, PROMPTS, side=side)
+    result = per_example_grads(layers, proj, lambda b: per_example_loss(lora_model, b), batch, norm_method)
+    ref_norms, ref_feats = naive_reference(lora_model, layers, proj, batch)
+    assert result.finite.all()
+    assert result.features.shape == (len(LENGTHS), proj.proj_dim)
+    assert ref_norms.min() > 0
+    assert_matches(result, ref_norms, ref_feats)
+    for _, layer in layers:
+        assert layer.weight.grad is None  # never accumulates into .grad
+
+
+def test_gradient_checkpointing_non_reentrant():
+    reference_model = add_lora(tiny_llama())
+    model = add_lora(tiny_llama())
+    model.base_model.model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
+    model.train()  # transformers only checkpoints in training mode; every dropout here is 0
+    lora_a = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"]
+    calls = []
+    handle = lora_a.register_forward_hook(lambda *a: calls.append(1))
+    layers = find_lora_layers(model)
+    proj = build_projector("kronecker", 96, 0, layer_shapes(layers))
+    batch = make_batch(LENGTHS, PROMPTS, side="left")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = per_example_grads(layers, proj, lambda b: per_example_loss(model, b), batch)
+    handle.remove()
+    assert len(calls) == 2  # the target layer really ran again during backward
+    ref_layers = find_lora_layers(reference_model)
+    ref_norms, ref_feats = naive_reference(reference_model, ref_layers, proj, batch)
+    assert_matches(result, ref_norms, ref_feats)
+
+
+def test_reentrant_checkpointing_is_refused_clearly():
+    model = add_lora(tiny_llama())
+    model.base_model.model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": True}
+    )
+    model.train()
+    layers = find_lora_layers(model)
+    proj = build_projector("kronecker", 96, 0, layer_shapes(layers))
+    with warnings.catch_warnings(), pytest.raises(RuntimeError, match="use_reentrant=False"):
+        warnings.simplefilter("ignore")
+        per_example_grads(layers, proj, lambda b: per_example_loss(model, b), make_batch([4, 6], [1, 1]))
+
+
+def test_4bit_nf4_base(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quant)
+    model = add_lora(base)
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(q_proj.base_layer).__name__ == "Linear4bit"
+    layers = find_lora_layers(model)
+    for kind, dim in [("identity", None), ("kronecker", 96)]:
+        proj = build_projector(kind, dim, 0, layer_shapes(layers))
+        batch = make_batch(LENGTHS, PROMPTS, side="right")
+        result = per_example_grads(layers, proj, lambda b: per_example_loss(model, b), batch)
+        ref_norms, ref_feats = naive_reference(model, layers, proj, batch)
+        assert_matches(result, ref_norms, ref_feats)
+
+
+class _NanGradForRow(torch.autograd.Function):
+    """Identity forward; backward poisons one row's gradient with NaN (a finite loss, a NaN gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, row):
+        ctx.row = row
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        grad[ctx.row] = float("nan")
+        return grad, None
+
+
+def test_non_finite_examples_are_flagged_not_propagated(lora_model):
+    layers = find_lora_layers(lora_model)
+    proj = build_projector("kronecker", 96, 0, layer_shapes(layers))
+    # Example 1 has no supervised token (loss 0/0 = NaN); example 3's gradient is NaN with a finite loss.
+    batch = make_batch(LENGTHS, [2, 11, 1, 1, 4], side="right")
+
+    def loss_fn(b):
+        mask = b["attention_mask"]
+        hidden = lora_model.base_model.model.model(
+            input_ids=b["input_ids"], attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)
+        ).last_hidden_state
+        logits = lora_model.base_model.model.lm_head(_NanGradForRow.apply(hidden, 3))[:, :-1]
+        labels = b["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+        return nll.sum(-1) / (labels != -100).sum(-1)
+
+    result = per_example_grads(layers, proj, loss_fn, batch)
+    assert result.finite.tolist() == [True, False, True, False, True]
+    assert torch.isnan(result.norms[[1, 3]]).all()
+    assert (result.features[[1, 3]] == 0).all()
+    ref_norms, ref_feats = naive_reference(
+        lora_model, layers, proj, {k: v[[0, 2, 4]] for k, v in batch.items()}
+    )
+    full_norms = torch.zeros(5, dtype=torch.float64)
+    full_feats = torch.zeros(5, proj.proj_dim)
+    full_norms[[0, 2, 4]], full_feats[[0, 2, 4]] = ref_norms, ref_feats
+    assert_matches(result, full_norms, full_feats, rows=[0, 2, 4])
+
+
+def test_plain_linear_layers_on_2d_inputs():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(6, 5, bias=False), torch.nn.Tanh(), torch.nn.Linear(5, 3, bias=False)
+    )
+    x, y = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    layers = [net[0], net[2]]
+    proj = build_projector("identity", None, 0, layer_shapes(layers))
+
+    def loss_fn(idx):
+        return torch.nn.functional.cross_entropy(net(x[idx]), y[idx], reduction="none")
+
+    result = per_example_grads(layers, proj, loss_fn, torch.arange(7))
+    for i in range(7):
+        grads = torch.autograd.grad(loss_fn(torch.tensor([i]))[0], [m.weight for m in layers])
+        torch.testing.assert_close(result.features[i], torch.cat([g.flatten() for g in grads]))
+
+
+def test_state_is_restored_and_no_grad_context_is_fine(lora_model):
+    layers = find_lora_layers(lora_model)
+    proj = build_projector("kronecker", 96, 0, layer_shapes(layers))
+    batch = make_batch(LENGTHS, PROMPTS)
+    expected = per_example_grads(layers, proj, lambda b: per_example_loss(lora_model, b), batch)
+    for _, m in layers:
+        m.weight.requires_grad_(False)
+    try:
+        with torch.no_grad():
+            result = per_example_grads(layers, proj, lambda b: per_example_loss(lora_model, b), batch)
+        assert all(not m.weight.requires_grad for _, m in layers)
+    finally:
+        for _, m in layers:
+            m.weight.requires_grad_(True)
+    assert torch.equal(result.features, expected.features)
+    assert all(not m._forward_hooks for _, m in layers)
+
+
+def test_bad_inputs_are_refused(lora_model):
+    layers = find_lora_layers(lora_model)
+    proj = build_projector("kronecker", 96, 0, layer_shapes(layers))
+    batch = make_batch([4, 6], [1, 1])
+    with pytest.raises(ValueError, match="per-example loss vector"):
+        per_example_grads(layers, proj, lambda b: per_example_loss(lora_model, b).mean(), batch)
+    with pytest.raises(ValueError, match="layer shapes"):
+        per_example_grads(layers[:4], proj, lambda b: per_example_loss(lora_model, b), batch)
+    with pytest.raises(ValueError, match="norm_method"):
+        per_example_grads(layers, proj, lambda b: per_example_loss(lora_model, b), batch, norm_method="exact")
