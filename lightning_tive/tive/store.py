@@ -1,0 +1,282 @@
+"""On-disk, resumable store of per-example gradient features and norms.
+
+Folder layout::
+
+    meta.json        format, pool_size, proj_dim, dtype, chunk_size, num_chunks, extra settings
+    features.npy     [pool_size, proj_dim] float16 (or float32); row i = pool index i
+    grad_norms.npy   [pool_size] float32; NaN marks an example whose gradient was not finite
+    done/NNNNNNNN    one empty marker per finished chunk
+
+Chunk ``c`` holds pool indices ``[c*chunk_size, min((c+1)*chunk_size, pool_size))``. A chunk's rows
+are flushed to disk before its marker is created, so after a stop the unfinished chunks are exactly
+those without a marker; rewriting them gives the same bytes as an uninterrupted run (given
+deterministic features). Rows are written and read through windows over the file, so memory holds
+about one chunk (writing) or one block (reading), never the whole array.
+
+With several processes, create the store on one of them first (the constructor creates missing
+files), then open it on the others; each process may then write its own chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["FeatureStore"]
+
+FORMAT = "lightning_tive.features"
+VERSION = 1
+DTYPES = ("float16", "float32")
+FP16_MAX = float(np.finfo(np.float16).max)
+# Below this magnitude float16 is subnormal and keeps fewer than 10 significant bits.
+FP16_TINY = float(np.finfo(np.float16).tiny)
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _data_offset(path: Path) -> int:
+    """Return the byte offset of the array data in an .npy file."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            np.lib.format.read_array_header_1_0(f)
+        else:
+            np.lib.format.read_array_header_2_0(f)
+        return f.tell()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class FeatureStore:
+    """Features ``[pool_size, proj_dim]`` and norms ``[pool_size]`` streamed to ``folder`` in chunks."""
+
+    FEATURES = "features.npy"
+    NORMS = "grad_norms.npy"
+    META = "meta.json"
+    DONE = "done"
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        pool_size: int,
+        proj_dim: int,
+        dtype: str = "float16",
+        chunk_size: int = 4096,
+        extra: dict | None = None,
+    ) -> None:
+        """Open the store in ``folder``, creating it if absent; refuse a folder whose meta disagrees."""
+        dtype = np.dtype(dtype).name
+        if dtype not in DTYPES:
+            raise ValueError(f"feature dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        for name, value in (("pool_size", pool_size), ("proj_dim", proj_dim), ("chunk_size", chunk_size)):
+            if int(value) != value or int(value) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.folder = Path(folder)
+        self.pool_size, self.proj_dim, self.chunk_size = int(pool_size), int(proj_dim), int(chunk_size)
+        self.dtype = np.dtype(dtype)
+        self.num_chunks = -(-self.pool_size // self.chunk_size)
+        self.meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "pool_size": self.pool_size,
+            "proj_dim": self.proj_dim,
+            "dtype": dtype,
+            "chunk_size": self.chunk_size,
+            "num_chunks": self.num_chunks,
+            "extra": json.loads(json.dumps(extra or {})),
+        }
+        meta_path = self.folder / self.META
+        if meta_path.exists():
+            self._check_meta(json.loads(meta_path.read_text()))
+        else:
+            self._create()
+        self._offsets = (_data_offset(self.folder / self.FEATURES), _data_offset(self.folder / self.NORMS))
+        self._warned_range = False
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike) -> FeatureStore:
+        """Open an existing store with the settings recorded in its ``meta.json``."""
+        meta_path = Path(folder) / cls.META
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{meta_path} not found: {folder} is not a feature store")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+        return cls(
+            folder, meta["pool_size"], meta["proj_dim"], meta["dtype"], meta["chunk_size"], meta.get("extra")
+        )
+
+    def _check_meta(self, found: dict) -> None:
+        diffs = [
+            f"{key}: folder has {found.get(key)!r}, requested {value!r}"
+            for key, value in self.meta.items()
+            if found.get(key) != value
+        ]
+        if diffs:
+            raise ValueError(
+                f"feature store {self.folder} does not match the requested settings ({'; '.join(diffs)}); "
+                "use another folder or delete this one"
+            )
+        for name, shape in (
+            (self.FEATURES, (self.pool_size, self.proj_dim)),
+            (self.NORMS, (self.pool_size,)),
+        ):
+            arr = np.load(self.folder / name, mmap_mode="r")
+            if arr.shape != shape:
+                raise ValueError(f"{self.folder / name} has shape {arr.shape}, meta.json says {shape}")
+            del arr
+
+    def _create(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        done = self.folder / self.DONE
+        done.mkdir(exist_ok=True)
+        for marker in done.iterdir():  # stale markers of an interrupted creation
+            marker.unlink()
+        # open_memmap writes the header and leaves a sparse file; rows are filled chunk by chunk.
+        feats = np.lib.format.open_memmap(
+            self.folder / self.FEATURES, mode="w+", dtype=self.dtype, shape=(self.pool_size, self.proj_dim)
+        )
+        del feats
+        norms = np.lib.format.open_memmap(
+            self.folder / self.NORMS, mode="w+", dtype=np.float32, shape=(self.pool_size,)
+        )
+        del norms
+        # meta.json last: its presence means the files above are complete.
+        _atomic_write_text(self.folder / self.META, json.dumps(self.meta, indent=2, sort_keys=True))
+
+    def __len__(self) -> int:
+        return self.pool_size
+
+    @property
+    def num_rows(self) -> int:
+        """Number of rows (the pool size)."""
+        return self.pool_size
+
+    @property
+    def dim(self) -> int:
+        """Feature dimension (``proj_dim``)."""
+        return self.proj_dim
+
+    def chunk_range(self, chunk_id: int) -> tuple[int, int]:
+        """Return the ``[start, stop)`` pool indices of chunk ``chunk_id``."""
+        if not 0 <= chunk_id < self.num_chunks:
+            raise IndexError(f"chunk {chunk_id} out of range [0, {self.num_chunks})")
+        start = chunk_id * self.chunk_size
+        return start, min(start + self.chunk_size, self.pool_size)
+
+    def _marker(self, chunk_id: int) -> Path:
+        return self.folder / self.DONE / f"{chunk_id:08d}"
+
+    def missing_chunks(self) -> list[int]:
+        """Return the ids of the chunks not yet written, in increasing order."""
+        return [c for c in range(self.num_chunks) if not self._marker(c).exists()]
+
+    def is_complete(self) -> bool:
+        """Return True when every chunk has been written."""
+        return not self.missing_chunks()
+
+    def write_chunk(self, chunk_id: int, indices: Sequence[int] | Any, features: Any, norms: Any) -> None:
+        """Write chunk ``chunk_id``: rows ``features`` [n, proj_dim] and ``norms`` [n] for pool ``indices``."""
+        start, stop = self.chunk_range(chunk_id)
+        idx = _to_numpy(indices).astype(np.int64).reshape(-1)
+        feats = _to_numpy(features)
+        nrm = _to_numpy(norms).astype(np.float32).reshape(-1)
+        n = stop - start
+        if idx.shape[0] != n or not np.array_equal(np.sort(idx), np.arange(start, stop)):
+            raise ValueError(f"chunk {chunk_id} must hold exactly pool indices [{start}, {stop}), each once")
+        if feats.shape != (n, self.proj_dim) or nrm.shape != (n,):
+            raise ValueError(
+                f"chunk {chunk_id}: expected features {(n, self.proj_dim)} and norms {(n,)}, "
+                f"got {feats.shape} and {nrm.shape}"
+            )
+        order = np.argsort(idx, kind="stable")
+        nrm = nrm[order]
+        if self.dtype == np.float16:
+            self._check_fp16_range(feats[order], nrm)
+        with np.errstate(over="ignore"):  # reported once by _check_fp16_range
+            rows = np.ascontiguousarray(feats[order], dtype=self.dtype)
+        row_bytes = self.proj_dim * self.dtype.itemsize
+        window = np.memmap(
+            self.folder / self.FEATURES,
+            dtype=self.dtype,
+            mode="r+",
+            offset=self._offsets[0] + start * row_bytes,
+            shape=(n, self.proj_dim),
+        )
+        window[:] = rows
+        window.flush()
+        del window
+        window = np.memmap(
+            self.folder / self.NORMS,
+            dtype=np.float32,
+            mode="r+",
+            offset=self._offsets[1] + start * 4,
+            shape=(n,),
+        )
+        window[:] = nrm
+        window.flush()
+        del window
+        self._marker(chunk_id).touch()
+
+    def _check_fp16_range(self, feats: np.ndarray, norms: np.ndarray) -> None:
+        if self._warned_range:
+            return
+        finite = np.isfinite(norms)
+        if not finite.any():
+            return
+        peak = np.abs(feats[finite]).max(axis=1)
+        if (peak > FP16_MAX).any() or (peak < 64 * FP16_TINY).any():
+            self._warned_range = True
+            warnings.warn(
+                "some gradient features fall outside float16's normal range (|f| > 65504 overflows, "
+                f"|f| < {64 * FP16_TINY:.1e} loses precision); store them as float32 (dtype='float32')",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def read_norms(self) -> np.ndarray:
+        """Return all gradient norms as a float32 array [pool_size] (NaN = not finite)."""
+        with open(self.folder / self.NORMS, "rb") as f:
+            f.seek(self._offsets[1])
+            return np.fromfile(f, dtype=np.float32, count=self.pool_size)
+
+    def iter_blocks(
+        self, block_rows: int = 8192, start: int = 0, stop: int | None = None
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(first_row, rows)`` blocks of stored features (stored dtype) over ``[start, stop)``."""
+        stop = self.pool_size if stop is None else min(stop, self.pool_size)
+        if block_rows <= 0:
+            raise ValueError(f"block_rows must be positive, got {block_rows}")
+        row_bytes = self.proj_dim * self.dtype.itemsize
+        # Plain reads rather than a memory map: mapped pages would count towards the process's RSS.
+        with open(self.folder / self.FEATURES, "rb", buffering=0) as f:
+            for first in range(start, stop, block_rows):
+                n = min(block_rows, stop - first)
+                f.seek(self._offsets[0] + first * row_bytes)
+                block = np.empty((n, self.proj_dim), dtype=self.dtype)
+                if f.readinto(memoryview(block).cast("B")) != n * row_bytes:
+                    raise OSError(f"short read from {self.folder / self.FEATURES} at row {first}")
+                yield first, block
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Return stored feature rows ``[start, stop)`` as one array."""
+        if stop <= start:
+            return np.empty((0, self.proj_dim), dtype=self.dtype)
+        return next(self.iter_blocks(max(stop - start, 1), start, stop))[1]
