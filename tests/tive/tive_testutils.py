@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -89,3 +90,17 @@ def naive_reference(model, layers, projector, batch: dict):
         norms.append(torch.sqrt(sum(g.double().pow(2).sum() for g in grads)))
         feats.append(projector.project([g[None] for g in grads])[0])
     return torch.stack(norms), torch.stack(feats)
+
+
+def brute_instance_values(feats, task_ids, finite):
+    """u(s) = mean over finite s' of its task of cos(f_s, f_s'), from the full N x N cosine matrix."""
+    f = np.where(finite[:, None], feats.astype(np.float64), 0.0)
+    norms = np.linalg.norm(f, axis=1)
+    unit = np.divide(f, norms[:, None], out=np.zeros_like(f), where=norms[:, None] > 0)
+    cos = unit @ unit.T
+    u = np.full(len(f), np.nan)
+    for t in np.unique(task_ids):
+        members = np.flatnonzero((task_ids == t) & finite)
+        if members.size:
+            u[members] = cos[np.ix_(members, members)].mean(axis=1)
+    return u
