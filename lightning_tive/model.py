@@ -23,6 +23,7 @@ from lightning_tive.metrics import MeanScore, exact_match, token_f1
 FinetuneMode = Literal["full", "lora", "qlora"]
 LM_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 LM_MLP = ("gate_proj", "up_proj", "down_proj")
+REFERENCE_ADAPTER = "tive_reference"
 
 
 @dataclass
@@ -185,6 +186,7 @@ class LlavaModule(L.LightningModule):
         self.model = self._build_model()
         self._apply_finetune_mode(freeze_vision_tower, train_projector, gradient_checkpointing)
         self.val_metrics: torch.nn.ModuleDict | None = None
+        self._requires_grad_before_reference: dict[str, bool] | None = None
 
     # ---------------------------------------------------------------- building
     @property
@@ -524,6 +526,51 @@ class LlavaModule(L.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = self.scheduler_factory(optimizer, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------- TIVE reference adapter
+    def add_reference_adapter(self, settings: LoraSettings, seed: int) -> list[tuple[str, torch.nn.Linear]]:
+        """Add a fresh, seeded LoRA adapter on the LM as the only active and trainable one.
+
+        Returns the adapter's `lora_A`/`lora_B` Linear layers, whose weights TIVE differentiates.
+        """
+        from peft import LoraConfig, get_peft_model
+
+        from lightning_tive.tive.grads import find_lora_layers
+
+        if self._requires_grad_before_reference is not None:
+            raise RuntimeError("a TIVE reference adapter is already present")
+        self._requires_grad_before_reference = {n: p.requires_grad for n, p in self.named_parameters()}
+        config = LoraConfig(
+            r=settings.r,
+            lora_alpha=settings.alpha,
+            lora_dropout=settings.dropout,
+            target_modules=language_model_target_regex(settings.target_modules),
+            bias="none",
+        )
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            if hasattr(self.model, "add_adapter") and hasattr(self.model, "peft_config"):
+                self.model.add_adapter(REFERENCE_ADAPTER, config)
+                self.model.set_adapter(REFERENCE_ADAPTER)
+            else:  # full fine-tuning: wrap for the warm-up, unwrapped again in remove_reference_adapter
+                self.model = get_peft_model(self.model, config, adapter_name=REFERENCE_ADAPTER)
+        for name, param in self.named_parameters():
+            param.requires_grad_(f".{REFERENCE_ADAPTER}." in name)
+        return find_lora_layers(self.model, REFERENCE_ADAPTER)
+
+    def remove_reference_adapter(self) -> None:
+        """Drop the reference adapter and restore exactly which parameters train."""
+        if self._requires_grad_before_reference is None:
+            return
+        if self.finetune == "full":
+            self.model = self.model.unload()
+        else:
+            self.model.set_adapter("default")
+            self.model.delete_adapter(REFERENCE_ADAPTER)
+        before = self._requires_grad_before_reference
+        for name, param in self.named_parameters():
+            param.requires_grad_(before[name])
+        self._requires_grad_before_reference = None
 
     # ---------------------------------------------------------------- checkpoints and export
     def on_save_checkpoint(self, checkpoint: dict) -> None:
