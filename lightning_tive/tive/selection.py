@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -71,6 +72,8 @@ class SelectionResult:
     #: [N] float64 gradient norms as given.
     grad_norms: np.ndarray
     settings: dict = field(default_factory=dict)
+    #: seconds spent per phase: values_s (both streaming passes + task values), budget_s, sampling_s.
+    timings: dict = field(default_factory=dict)
 
     def task_table(self) -> list[dict]:
         """Return the task rows as dicts with the ``tasks.csv`` columns."""
@@ -217,11 +220,17 @@ def select(
     if unknown:
         raise ValueError(f"exclude_tasks names unknown task(s) {unknown}; known tasks: {names}")
 
+    clock = time.perf_counter()
     u, finite = instance_values(source, task_ids, len(names), np.isfinite(norm_arr), block_rows=block_rows)
     tid = np.asarray(task_ids).astype(np.int64).reshape(-1)
     stats: TaskStats = task_values(norm_arr, tid, len(names), finite)
+    timings = {"values_s": time.perf_counter() - clock}
+    clock = time.perf_counter()
     budgets = allocate_budgets(budget, stats.values, names, exclude_tasks, stats.finite_counts)
+    timings["budget_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     times = sample_within_tasks(u, tid, budgets, finite, sampling, temperature, seed)
+    timings["sampling_s"] = time.perf_counter() - clock
 
     excluded = set(exclude_tasks)
     usable = np.array(
@@ -259,4 +268,5 @@ def select(
             "temperature": float(temperature),
             "seed": int(seed),
         },
+        timings=timings,
     )

@@ -206,12 +206,11 @@ class FeatureStore:
                 f"chunk {chunk_id}: expected features {(n, self.proj_dim)} and norms {(n,)}, "
                 f"got {feats.shape} and {nrm.shape}"
             )
-        order = np.argsort(idx, kind="stable")
-        nrm = nrm[order]
-        if self.dtype == np.float16:
-            self._check_fp16_range(feats[order], nrm)
-        with np.errstate(over="ignore"):  # reported once by _check_fp16_range
-            rows = np.ascontiguousarray(feats[order], dtype=self.dtype)
+        if not np.array_equal(idx, np.arange(start, stop)):
+            order = np.argsort(idx, kind="stable")
+            feats, nrm = feats[order], nrm[order]
+        if self.dtype == np.float16 and feats.dtype.itemsize > 2:
+            self._check_fp16_range(feats, nrm)
         row_bytes = self.proj_dim * self.dtype.itemsize
         window = np.memmap(
             self.folder / self.FEATURES,
@@ -220,7 +219,8 @@ class FeatureStore:
             offset=self._offsets[0] + start * row_bytes,
             shape=(n, self.proj_dim),
         )
-        window[:] = rows
+        with np.errstate(over="ignore"):  # reported once by _check_fp16_range
+            window[:] = feats  # casts while copying, without a full-size temporary
         window.flush()
         del window
         window = np.memmap(
@@ -238,15 +238,19 @@ class FeatureStore:
     def _check_fp16_range(self, feats: np.ndarray, norms: np.ndarray) -> None:
         if self._warned_range:
             return
-        finite = np.isfinite(norms)
+        finite = np.isfinite(norms) & np.isfinite(feats).all(axis=1)
         if not finite.any():
             return
-        peak = np.abs(feats[finite]).max(axis=1)
-        if (peak > FP16_MAX).any() or (peak < 64 * FP16_TINY).any():
+        rows = feats[finite] if not finite.all() else feats
+        peak = np.maximum(rows.max(axis=1), -rows.min(axis=1)).astype(np.float64)
+        rms = np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float64) / rows.shape[1])
+        # Overflow turns a row into inf; a typical entry below float16's smallest normal keeps < 10 bits.
+        if (peak > FP16_MAX).any() or ((rms > 0) & (rms < FP16_TINY)).any():
             self._warned_range = True
             warnings.warn(
-                "some gradient features fall outside float16's normal range (|f| > 65504 overflows, "
-                f"|f| < {64 * FP16_TINY:.1e} loses precision); store them as float32 (dtype='float32')",
+                "some gradient features fall outside float16's range (an entry above 65504 overflows; a row "
+                f"whose typical entry is below {FP16_TINY:.1e} loses precision); store them as float32 "
+                "(dtype='float32')",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -258,21 +262,33 @@ class FeatureStore:
             return np.fromfile(f, dtype=np.float32, count=self.pool_size)
 
     def iter_blocks(
-        self, block_rows: int = 8192, start: int = 0, stop: int | None = None
+        self, block_rows: int = 8192, start: int = 0, stop: int | None = None, reuse_buffer: bool = False
     ) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield ``(first_row, rows)`` blocks of stored features (stored dtype) over ``[start, stop)``."""
+        """Yield ``(first_row, rows)`` blocks of stored features (stored dtype) over ``[start, stop)``.
+
+        With ``reuse_buffer`` every block is read into the same array, which saves the page faults of a
+        fresh allocation per block; a block is then only valid until the next one is requested.
+        """
         stop = self.pool_size if stop is None else min(stop, self.pool_size)
         if block_rows <= 0:
             raise ValueError(f"block_rows must be positive, got {block_rows}")
         row_bytes = self.proj_dim * self.dtype.itemsize
+        buffer = None
         # Plain reads rather than a memory map: mapped pages would count towards the process's RSS.
         with open(self.folder / self.FEATURES, "rb", buffering=0) as f:
             for first in range(start, stop, block_rows):
                 n = min(block_rows, stop - first)
+                if buffer is None or not reuse_buffer:
+                    buffer = np.empty((min(block_rows, stop - start), self.proj_dim), dtype=self.dtype)
+                block = buffer[:n]
                 f.seek(self._offsets[0] + first * row_bytes)
-                block = np.empty((n, self.proj_dim), dtype=self.dtype)
-                if f.readinto(memoryview(block).cast("B")) != n * row_bytes:
-                    raise OSError(f"short read from {self.folder / self.FEATURES} at row {first}")
+                view = memoryview(block).cast("B")
+                got = 0
+                while got < n * row_bytes:  # readinto may return fewer bytes than asked
+                    step = f.readinto(view[got:])
+                    if not step:
+                        raise OSError(f"short read from {self.folder / self.FEATURES} at row {first}")
+                    got += step
                 yield first, block
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:

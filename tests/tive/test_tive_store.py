@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -144,8 +145,19 @@ def test_bad_chunks_are_refused(tmp_path):
     assert store.missing_chunks() == [0, 1, 2, 3, 4]
 
 
-def test_float16_range_problems_warn(tmp_path):
-    store = FeatureStore(tmp_path, 4, 3, chunk_size=4)
-    feats = np.array([[1.0, 2.0, 3.0], [1e5, 0.0, 0.0], [1.0, 1.0, 1.0], [0.5, 0.5, 0.5]], dtype=np.float32)
-    with pytest.warns(RuntimeWarning, match="float16"):
-        store.write_chunk(0, np.arange(4), feats, np.ones(4))
+@pytest.mark.parametrize(
+    "row, warns",
+    [
+        ([1e5, 0.0, 0.0], True),
+        ([1e-6, 2e-6, 1e-6], True),
+        ([1e-3, 2e-3, 0.0], False),
+        ([0.0, 0.0, 0.0], False),
+    ],
+)
+def test_float16_range_problems_warn(tmp_path, row, warns):
+    store = FeatureStore(tmp_path, 2, 3, chunk_size=2)
+    feats = np.array([[1.0, 2.0, 3.0], row], dtype=np.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        store.write_chunk(0, np.arange(2), feats, np.ones(2))
+    assert any("float16" in str(w.message) for w in caught) == warns
