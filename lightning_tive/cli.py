@@ -8,6 +8,7 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_tive.callback import TIVESelectionCallback
 from lightning_tive.data.datamodule import LlavaDataModule
 from lightning_tive.model import LlavaModule
 
@@ -16,7 +17,8 @@ class TiveCLI(LightningCLI):
     """LightningCLI over LlavaModule and LlavaDataModule; the module owns its optimizers."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        """Hook for the top-level sections the CLI adds (the `tive:` section plugs in here)."""
+        """The top-level `tive:` section: TIVESelectionCallback's arguments, always present."""
+        parser.add_lightning_class_args(TIVESelectionCallback, "tive")
 
 
 def run_cli(args: list[str] | None = None) -> TiveCLI:

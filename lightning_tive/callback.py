@@ -1,0 +1,498 @@
+"""TIVESelectionCallback: warm-up → valuation → selection → swap, inside one `trainer.fit`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_tive import report
+from lightning_tive.tive.grads import layer_shapes, per_example_grads
+from lightning_tive.tive.projection import PROJECTOR_KINDS, build_projector
+from lightning_tive.tive.selection import SAMPLING_MODES, select
+from lightning_tive.tive.store import FeatureStore
+from lightning_tive.tive.warmup import balanced_warmup_indices
+
+SUPPORTED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
+STATE_VERSION = 1
+
+
+@dataclass
+class ReferenceLora:
+    """The throw-away reference adapter (paper: r=128, alpha=256 on q/k/v/o of the LM)."""
+
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@runtime_checkable
+class TIVEModel(Protocol):
+    """What the callback needs from a LightningModule."""
+
+    def add_reference_adapter(self, settings: Any, seed: int) -> list[tuple[str, torch.nn.Linear]]: ...
+
+    def remove_reference_adapter(self) -> None: ...
+
+    def per_example_loss(self, batch: Any) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class TIVEData(Protocol):
+    """What the callback needs from a LightningDataModule."""
+
+    pool_size: int
+    task_names: list[str]
+    pool_task_ids: np.ndarray
+
+    def pool_dataloader(self, indices: Any = None, batch_size: int | None = None) -> Any: ...
+
+    def pool_record(self, index: int) -> dict: ...
+
+    def set_train_indices(self, indices: Any) -> None: ...
+
+
+class TIVESelectionCallback(Callback):
+    """One-shot TIVE data selection at the start of `fit`, then training on the subset.
+
+    Args:
+        enabled: run TIVE; off, the fit trains on the whole pool.
+        ratio: budget as a fraction of the pool, B = round(ratio * |D|), in (0, 1].
+        warmup_ratio: size of the task-balanced warm-up set as a fraction of the pool.
+        warmup_epochs: epochs of reference-adapter training.
+        warmup_lr: AdamW learning rate of the reference adapter (cosine schedule, 3% warm-up).
+        warmup_batch_size: warm-up batch size per process (default: the DataModule's).
+        reference_lora: the reference adapter's LoRA settings.
+        projector: `kronecker` (structured, never forms the full gradient), `rademacher` or `identity`.
+        proj_dim: feature dimension (8192 in the paper); with `identity` it must equal the adapter size.
+        sampling: `softmax` (∝ exp(u/temperature)), `topk` or `uniform` inside each task.
+        temperature: softmax temperature; → 0 is top-k, large is uniform (authors' code: 1000).
+        exclude_tasks: tasks that get no budget (authors' code: TextCaps).
+        seed: seed of the warm-up draw, the adapter init, the projection and the sampling.
+        output_dir: where the files go (default: `<default_root_dir>/tive`).
+        stop_after_selection: write the files and stop; train nothing.
+        features_from: a folder with `features.npy` + `grad_norms.npy`: skip warm-up and valuation.
+        valuation_batch_size: per-example gradient batch size (default: the DataModule's).
+        feature_dtype: `float16` (default) or `float32` storage of the features.
+        chunk_size: pool examples per feature-store chunk (the unit of resume).
+    """
+
+    def __init__(
+        self,
+        enabled: bool = True,
+        ratio: float = 0.15,
+        warmup_ratio: float = 0.08,
+        warmup_epochs: int = 1,
+        warmup_lr: float = 2e-5,
+        warmup_batch_size: int | None = None,
+        reference_lora: ReferenceLora | None = None,
+        projector: Literal["kronecker", "rademacher", "identity"] = "kronecker",
+        proj_dim: int = 8192,
+        sampling: Literal["softmax", "topk", "uniform"] = "softmax",
+        temperature: float = 1.0,
+        exclude_tasks: list[str] | None = None,
+        seed: int = 0,
+        output_dir: str | None = None,
+        stop_after_selection: bool = False,
+        features_from: str | None = None,
+        valuation_batch_size: int | None = None,
+        feature_dtype: Literal["float16", "float32"] = "float16",
+        chunk_size: int = 1024,
+    ):
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"tive.ratio must be in (0, 1], got {ratio}")
+        if not 0.0 < warmup_ratio <= 1.0:
+            raise ValueError(f"tive.warmup_ratio must be in (0, 1], got {warmup_ratio}")
+        if warmup_epochs < 1:
+            raise ValueError(f"tive.warmup_epochs must be >= 1, got {warmup_epochs}")
+        if projector not in PROJECTOR_KINDS:
+            raise ValueError(f"tive.projector must be one of {PROJECTOR_KINDS}, got {projector!r}")
+        if proj_dim <= 0:
+            raise ValueError(f"tive.proj_dim must be positive, got {proj_dim}")
+        if sampling not in SAMPLING_MODES:
+            raise ValueError(f"tive.sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
+        if not temperature > 0 or not math.isfinite(temperature):
+            raise ValueError(f"tive.temperature must be a positive number, got {temperature}")
+        if feature_dtype not in ("float16", "float32"):
+            raise ValueError(f"tive.feature_dtype must be float16 or float32, got {feature_dtype!r}")
+        if chunk_size <= 0:
+            raise ValueError(f"tive.chunk_size must be positive, got {chunk_size}")
+        if isinstance(reference_lora, dict):
+            reference_lora = ReferenceLora(**reference_lora)
+        self.enabled, self.ratio, self.warmup_ratio = enabled, ratio, warmup_ratio
+        self.warmup_epochs, self.warmup_lr, self.warmup_batch_size = warmup_epochs, warmup_lr, warmup_batch_size
+        self.reference_lora = reference_lora or ReferenceLora()
+        self.projector_kind, self.proj_dim = projector, proj_dim
+        self.sampling, self.temperature = sampling, temperature
+        self.exclude_tasks = list(exclude_tasks or [])
+        self.seed, self.output_dir_arg = seed, output_dir
+        self.stop_after_selection, self.features_from = stop_after_selection, features_from
+        self.valuation_batch_size, self.feature_dtype, self.chunk_size = valuation_batch_size, feature_dtype, chunk_size
+        # Resumable state: the selection and what produced it.
+        self.selected: np.ndarray | None = None
+        self.summary: dict = {}
+
+    # ---------------------------------------------------------------- settings and refusals
+    def settings(self) -> dict:
+        """Every setting, as written to summary.json."""
+        return {
+            "ratio": self.ratio,
+            "warmup_ratio": self.warmup_ratio,
+            "warmup_epochs": self.warmup_epochs,
+            "warmup_lr": self.warmup_lr,
+            "reference_lora": asdict(self.reference_lora),
+            "projector": self.projector_kind,
+            "proj_dim": self.proj_dim,
+            "sampling": self.sampling,
+            "temperature": self.temperature,
+            "exclude_tasks": self.exclude_tasks,
+            "seed": self.seed,
+            "features_from": self.features_from,
+            "feature_dtype": self.feature_dtype,
+            "chunk_size": self.chunk_size,
+        }
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Refuse what the phases cannot serve, before any model work."""
+        if not self.enabled or stage != "fit":
+            return
+        name = type(trainer.strategy).__name__
+        if name not in SUPPORTED_STRATEGIES:
+            raise RuntimeError(
+                f"TIVESelectionCallback supports {' and '.join(SUPPORTED_STRATEGIES)}, not {name}: its warm-up and "
+                "per-example gradients need whole (unsharded) adapter weights on every process. Use "
+                "`trainer.strategy: ddp` (or a single device), or set `tive.enabled: false`."
+            )
+        if not isinstance(pl_module, TIVEModel):
+            raise TypeError(
+                f"{type(pl_module).__name__} does not implement TIVE's model protocol "
+                "(add_reference_adapter, remove_reference_adapter, per_example_loss)"
+            )
+
+    def output_dir(self, trainer: L.Trainer) -> Path:
+        """The folder the files go to."""
+        return Path(self.output_dir_arg) if self.output_dir_arg else Path(trainer.default_root_dir) / "tive"
+
+    # ---------------------------------------------------------------- the run
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Select (or re-apply a restored selection), swap the training set, rebuild the optimizers."""
+        if not self.enabled:
+            return
+        datamodule = trainer.datamodule
+        if not isinstance(datamodule, TIVEData):
+            raise TypeError(
+                "TIVESelectionCallback needs a DataModule with pool_size, task_names, pool_task_ids, "
+                "pool_dataloader, pool_record and set_train_indices (e.g. LlavaDataModule)"
+            )
+        if self.selected is not None:
+            rank_zero_info(f"[tive] re-applying the restored selection of {len(self.selected)} examples")
+            self._swap(trainer, pl_module, datamodule)
+            return
+        out = self.output_dir(trainer)
+        if trainer.is_global_zero:
+            out.mkdir(parents=True, exist_ok=True)
+        trainer.strategy.barrier("tive-output-dir")
+        timings: dict[str, float] = {}
+        if self.features_from is not None:
+            norms, features = self._load_features(Path(self.features_from), datamodule)
+        else:
+            norms, features = self._warm_up_and_value(trainer, pl_module, datamodule, out, timings)
+        clock = time.perf_counter()
+        result = select(
+            norms,
+            features,
+            datamodule.pool_task_ids,
+            datamodule.task_names,
+            ratio=self.ratio,
+            exclude_tasks=self.exclude_tasks,
+            sampling=self.sampling,
+            temperature=self.temperature,
+            seed=self.seed,
+        )
+        timings["selection_s"] = time.perf_counter() - clock
+        self.selected = np.asarray(result.selected_indices, dtype=np.int64)
+        self.summary = self._summary(datamodule, result, timings)
+        if trainer.is_global_zero:
+            self._write_outputs(trainer, datamodule, result, out)
+        trainer.strategy.barrier("tive-outputs")
+        if self.stop_after_selection:
+            rank_zero_info(f"[tive] selection written to {out}; stop_after_selection is set, so nothing is trained")
+            trainer.should_stop = True
+            trainer.limit_train_batches = 0
+            trainer.limit_val_batches = 0
+            return
+        self._swap(trainer, pl_module, datamodule)
+
+    def _warm_up_and_value(
+        self, trainer: L.Trainer, module: Any, datamodule: Any, out: Path, timings: dict
+    ) -> tuple[np.ndarray, FeatureStore]:
+        before = _trainable_fingerprint(module)
+        was_training = module.training
+        layers = module.add_reference_adapter(self.reference_lora, self.seed)
+        try:
+            store = FeatureStore(
+                out / "features",
+                datamodule.pool_size,
+                self.proj_dim,
+                dtype=self.feature_dtype,
+                chunk_size=self.chunk_size,
+                extra=self._fingerprint(module, datamodule),
+            )
+            adapter_file = out / "reference_adapter.pt"
+            clock = time.perf_counter()
+            if store.missing_chunks() and adapter_file.exists():
+                # A valuation was interrupted: reuse its adapter so the remaining features match.
+                _load_adapter(layers, adapter_file)
+                rank_zero_info(f"[tive] resuming valuation with the reference adapter from {adapter_file}")
+            elif store.missing_chunks():
+                self._warm_up(trainer, module, datamodule)
+                if trainer.is_global_zero:
+                    _save_adapter(layers, adapter_file)
+            timings["warmup_s"] = time.perf_counter() - clock
+            clock = time.perf_counter()
+            self._value(trainer, module, datamodule, layers, store)
+            timings["valuation_s"] = time.perf_counter() - clock
+        finally:
+            module.remove_reference_adapter()
+            module.train(was_training)
+        after = _trainable_fingerprint(module)
+        if after != before:
+            changed = sorted(k for k in before if before[k] != after.get(k))[:5]
+            raise RuntimeError(f"the warm-up changed the main model's trainable weights (e.g. {changed})")
+        return store.read_norms(), store
+
+    def _warm_up(self, trainer: L.Trainer, module: Any, datamodule: Any) -> None:
+        from lightning_tive.model import WarmupCosineLR
+
+        size = int(round(self.warmup_ratio * datamodule.pool_size))
+        if size > datamodule.pool_size:
+            warnings.warn(f"tive warm-up of {size} exceeds the pool; using all {datamodule.pool_size}", stacklevel=2)
+        indices = balanced_warmup_indices(datamodule.pool_task_ids, len(datamodule.task_names), size, self.seed)
+        params = [p for p in module.parameters() if p.requires_grad]
+        world, rank = trainer.world_size, trainer.global_rank
+        batch_size = self.warmup_batch_size or getattr(datamodule, "batch_size", 8)
+        steps_per_epoch = max(1, math.ceil(len(indices) / (batch_size * world)))
+        optimizer = torch.optim.AdamW(params, lr=self.warmup_lr, weight_decay=0.0)
+        scheduler = WarmupCosineLR(optimizer, total_steps=steps_per_epoch * self.warmup_epochs)
+        module.train()
+        step = 0
+        bar = _progress(trainer, steps_per_epoch * self.warmup_epochs, "TIVE warm-up")
+        for epoch in range(self.warmup_epochs):
+            order = np.random.default_rng([self.seed, epoch]).permutation(indices)
+            shard = _shard(order, world, rank, batch_size)
+            for batch in datamodule.pool_dataloader(shard, batch_size=batch_size):
+                loss_value = torch.zeros((), device=trainer.strategy.root_device)
+                grads = [torch.zeros_like(p) for p in params]
+                if "input_ids" in batch:  # a batch of only skipped records contributes nothing
+                    batch = trainer.strategy.batch_to_device(batch)
+                    with trainer.precision_plugin.forward_context():
+                        loss = module.per_example_loss(batch).mean()
+                    grads = list(torch.autograd.grad(loss, params))
+                    loss_value = loss.detach().float()
+                if world > 1:
+                    for g in grads:
+                        torch.distributed.all_reduce(g)
+                        g.div_(world)
+                    torch.distributed.all_reduce(loss_value)
+                    loss_value /= world
+                for p, g in zip(params, grads):
+                    p.grad = g.to(p.dtype)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                step += 1
+                if trainer.is_global_zero:
+                    for logger in trainer.loggers:
+                        logger.log_metrics({"tive/warmup_loss": float(loss_value)}, step=step)
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss_value):.3f}")
+        bar.close()
+
+    def _value(self, trainer: L.Trainer, module: Any, datamodule: Any, layers: list, store: FeatureStore) -> None:
+        missing = store.missing_chunks()
+        mine = missing[trainer.global_rank :: trainer.world_size]
+        projector = build_projector(self.projector_kind, self.proj_dim, self.seed, layer_shapes(layers))
+        module.eval()  # dropout off: features are deterministic
+        batch_size = self.valuation_batch_size or getattr(datamodule, "batch_size", 8)
+        bar = _progress(trainer, sum(np.diff(store.chunk_range(c))[0] for c in mine), "TIVE valuation")
+        for chunk in mine:
+            start, stop = store.chunk_range(chunk)
+            features = np.zeros((stop - start, self.proj_dim), dtype=np.float32)
+            norms = np.full(stop - start, np.nan, dtype=np.float32)  # stays NaN for a record skipped as bad
+            for batch in datamodule.pool_dataloader(np.arange(start, stop), batch_size=batch_size):
+                count = len(batch["pool_index"]) + len(batch.get("skipped_pool_index", []))
+                if "input_ids" in batch:
+                    rows = batch["pool_index"].numpy() - start
+                    batch = trainer.strategy.batch_to_device(batch)
+                    with trainer.precision_plugin.forward_context():
+                        grads = per_example_grads(layers, projector, module.per_example_loss, batch)
+                    features[rows] = grads.features.float().cpu().numpy()
+                    norms[rows] = grads.norms.float().cpu().numpy()
+                bar.update(count)
+            store.write_chunk(chunk, np.arange(start, stop), features, norms)
+        bar.close()
+        trainer.strategy.barrier("tive-valuation")
+        if not store.is_complete():
+            raise RuntimeError(f"feature store {store.folder} is incomplete after valuation: {store.missing_chunks()[:5]}")
+
+    def _load_features(self, folder: Path, datamodule: Any) -> tuple[np.ndarray, Any]:
+        if (folder / FeatureStore.META).exists():
+            store = FeatureStore.open(folder)
+            if store.pool_size != datamodule.pool_size:
+                raise ValueError(
+                    f"tive.features_from={folder} holds {store.pool_size} examples, the pool has "
+                    f"{datamodule.pool_size}: it was computed for another pool"
+                )
+            if not store.is_complete():
+                raise ValueError(f"tive.features_from={folder} is incomplete (chunks {store.missing_chunks()[:5]} missing)")
+            return store.read_norms(), store
+        features = np.load(folder / "features.npy", mmap_mode="r")
+        norms = np.load(folder / "grad_norms.npy").astype(np.float32)
+        if features.ndim != 2 or features.shape[0] != datamodule.pool_size or norms.shape != (datamodule.pool_size,):
+            raise ValueError(
+                f"tive.features_from={folder}: features {features.shape} / grad_norms {norms.shape} do not match "
+                f"the pool of {datamodule.pool_size} examples"
+            )
+        warnings.warn(
+            f"tive.features_from={folder} has no meta.json: its shape matches the pool, but which model, "
+            "adapter and projection produced it cannot be checked",
+            stacklevel=2,
+        )
+        return norms, np.asarray(features)
+
+    def _swap(self, trainer: L.Trainer, module: Any, datamodule: Any) -> None:
+        datamodule.set_train_indices(self.selected)
+        # The train loader may already exist (the scheduler read estimated_stepping_batches): rebuild it.
+        trainer.fit_loop._combined_loader = None
+        trainer.strategy.setup_optimizers(trainer)
+        from lightning.fabric.utilities.optimizer import _optimizers_to_device
+
+        _optimizers_to_device(trainer.strategy.optimizers, trainer.strategy.root_device)
+        rank_zero_info(f"[tive] training on the selected {len(self.selected)} of {datamodule.pool_size} examples")
+
+    # ---------------------------------------------------------------- outputs
+    def _fingerprint(self, module: Any, datamodule: Any) -> dict:
+        digest = hashlib.sha256()
+        for i in range(datamodule.pool_size):
+            record = datamodule.pool_record(i)
+            digest.update(json.dumps([record.get("id"), record.get("task")], default=str).encode())
+        model = {k: v for k, v in dict(getattr(module, "hparams", {})).items() if isinstance(v, (str, int, float, bool, type(None), dict, list))}
+        return {
+            "pool": digest.hexdigest()[:16],
+            "model": model,
+            "reference_lora": asdict(self.reference_lora),
+            "projector": self.projector_kind,
+            "seed": self.seed,
+            "warmup": {"ratio": self.warmup_ratio, "epochs": self.warmup_epochs, "lr": self.warmup_lr},
+        }
+
+    def _summary(self, datamodule: Any, result: Any, timings: dict) -> dict:
+        finite = np.asarray(result.finite)
+        return {
+            "pool_size": int(datamodule.pool_size),
+            "budget": int(result.budget),
+            "selected": int(len(result.selected_indices)),
+            "distinct_selected": int((np.asarray(result.times_selected) > 0).sum()),
+            "ratio": self.ratio,
+            "seed": self.seed,
+            "non_finite_examples": int((~finite).sum()),
+            "tasks": result.task_table(),
+            "settings": self.settings(),
+            "timings_s": {**timings, **{f"selection_{k}": v for k, v in result.timings.items()}},
+        }
+
+    def _write_outputs(self, trainer: L.Trainer, datamodule: Any, result: Any, out: Path) -> None:
+        task_ids = np.asarray(datamodule.pool_task_ids)
+        names = datamodule.task_names
+        records = [datamodule.pool_record(i) for i in range(datamodule.pool_size)]
+        report.write_tasks_csv(out / "tasks.csv", result.task_table())
+        report.write_values_csv(
+            out / "values.csv",
+            [r.get("id") for r in records],
+            [names[t] for t in task_ids],
+            np.asarray(result.grad_norms),
+            np.asarray(result.instance_values),
+            np.asarray(result.times_selected),
+        )
+        report.write_json(out / "subset.json", [records[i] for i in self.selected])
+        report.write_json(out / "summary.json", self.summary)
+        png = out / "report.png"
+        report.plot_report(png, result.task_table(), task_ids, np.asarray(result.instance_values), np.asarray(result.grad_norms))
+        scalars = {
+            "tive/pool_size": self.summary["pool_size"],
+            "tive/budget": self.summary["budget"],
+            **{f"tive/{k}": v for k, v in self.summary["timings_s"].items()},
+        }
+        report.log_to_wandb(
+            trainer.loggers, result.task_table(), task_ids, np.asarray(result.instance_values),
+            np.asarray(result.grad_norms), scalars, png,
+        )
+        rank_zero_info(f"[tive] selected {len(self.selected)} of {datamodule.pool_size}; files in {out}")
+
+    # ---------------------------------------------------------------- resume
+    def state_dict(self) -> dict:
+        """The selected multiset and the summary, so a resumed fit re-applies them."""
+        return {
+            "version": STATE_VERSION,
+            "selected": None if self.selected is None else self.selected.tolist(),
+            "summary": self.summary,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the selection written by an earlier part of this fit."""
+        if state_dict.get("selected") is not None:
+            self.selected = np.asarray(state_dict["selected"], dtype=np.int64)
+        self.summary = state_dict.get("summary", {})
+
+
+def _shard(order: np.ndarray, world: int, rank: int, batch_size: int) -> np.ndarray:
+    """This rank's share, padded by wrapping so every rank runs the same number of batches."""
+    if world == 1:
+        return order
+    per_rank = math.ceil(len(order) / (world * batch_size)) * batch_size
+    padded = np.resize(order, per_rank * world)
+    return padded[rank::world]
+
+
+def _trainable_fingerprint(module: torch.nn.Module) -> dict[str, str]:
+    out = {}
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            data = param.detach()
+            raw = data.view(torch.uint8) if data.element_size() == 1 else data.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[data.element_size()])
+            out[name] = hashlib.blake2b(raw.cpu().contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+    return out
+
+
+def _save_adapter(layers: list, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({name: layer.weight.detach().cpu() for name, layer in layers}, tmp)
+    tmp.replace(path)
+
+
+def _load_adapter(layers: list, path: Path) -> None:
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if set(saved) != {name for name, _ in layers}:
+        raise ValueError(f"{path} was written for a different reference adapter; delete it to warm up again")
+    with torch.no_grad():
+        for name, layer in layers:
+            layer.weight.copy_(saved[name])
+
+
+def _progress(trainer: L.Trainer, total: int, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    enabled = trainer.is_global_zero and trainer.progress_bar_callback is not None
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
