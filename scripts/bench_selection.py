@@ -104,7 +104,13 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
 
     root = Path(tempfile.mkdtemp(prefix="tive_bench_", dir=args.workdir))
-    summary: dict = {"n": args.n, "dim": args.dim, "tasks": args.tasks, "threads": torch.get_num_threads()}
+    summary: dict = {
+        "n": args.n,
+        "dim": args.dim,
+        "tasks": args.tasks,
+        "threads": torch.get_num_threads(),
+        "select_threads": args.select_threads,
+    }
     try:
         task_ids, norms = synthetic_pool(args.n, args.tasks, args.seed)
         names = [f"task{i}" for i in range(args.tasks)]
@@ -129,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
             temperature=args.temperature,
             seed=args.seed,
             block_rows=args.block_rows,
+            num_threads=args.select_threads,
         )
         summary["wall_s"] = round(time.perf_counter() - t0, 2)
         summary.update({k: round(v, 2) for k, v in result.timings.items()})
@@ -149,7 +156,9 @@ def main(argv: list[str] | None = None) -> dict:
             m = min(args.compare_quadratic, args.n)
             feats = torch.from_numpy(reader.read_rows(0, m))
             t0 = time.perf_counter()
-            linear, _ = instance_values(feats, task_ids[:m], args.tasks, np.isfinite(norms[:m]))
+            linear, _ = instance_values(
+                feats, task_ids[:m], args.tasks, np.isfinite(norms[:m]), num_threads=args.select_threads
+            )
             linear_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             quad = quadratic_values(feats, task_ids[:m], args.tasks, np.isfinite(norms[:m]))

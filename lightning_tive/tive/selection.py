@@ -204,8 +204,14 @@ def select(
     temperature: float = 1.0,
     seed: int = 0,
     block_rows: int = 16384,
+    num_threads: int | None = 1,
 ) -> SelectionResult:
-    """Run TIVE's values, budgets and sampling over a pool; ``features`` is an array [N, d] or a FeatureStore."""
+    """Run TIVE's values, budgets and sampling over a pool; ``features`` is an array [N, d] or a FeatureStore.
+
+    ``norms`` [N] are the exact gradient norms (NaN = non-finite), ``task_ids`` [N] index into
+    ``task_names``; ``block_rows`` and ``num_threads`` only tune the streaming passes (see
+    :func:`~lightning_tive.tive.values.instance_values`).
+    """
     names = [str(t) for t in task_names]
     if len(set(names)) != len(names):
         raise ValueError(f"task_names has duplicates: {names}")
@@ -221,7 +227,9 @@ def select(
         raise ValueError(f"exclude_tasks names unknown task(s) {unknown}; known tasks: {names}")
 
     clock = time.perf_counter()
-    u, finite = instance_values(source, task_ids, len(names), np.isfinite(norm_arr), block_rows=block_rows)
+    u, finite = instance_values(
+        source, task_ids, len(names), np.isfinite(norm_arr), block_rows=block_rows, num_threads=num_threads
+    )
     tid = np.asarray(task_ids).astype(np.int64).reshape(-1)
     stats: TaskStats = task_values(norm_arr, tid, len(names), finite)
     timings = {"values_s": time.perf_counter() - clock}
