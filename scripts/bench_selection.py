@@ -97,13 +97,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)"
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads for writing and the N x N product (default: torch's)",
+    )
+    parser.add_argument(
+        "--select-threads", type=int, default=1, help="threads for the streamed passes (select's)"
     )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    root = Path(tempfile.mkdtemp(prefix="tive_bench_", dir=args.workdir))
     summary: dict = {
         "n": args.n,
         "dim": args.dim,
@@ -111,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "select_threads": args.select_threads,
     }
+    root = Path(tempfile.mkdtemp(prefix="tive_bench_", dir=args.workdir))
     try:
         task_ids, norms = synthetic_pool(args.n, args.tasks, args.seed)
         names = [f"task{i}" for i in range(args.tasks)]
