@@ -88,6 +88,7 @@ class _Recorder:
         self.projector = projector
         self.norm_method = norm_method
         self.inputs: list[Tensor | None] = [None] * len(layers)
+        self.versions = [0] * len(layers)
         self.calls = [0] * len(layers)
         self.forward_done = False
         self.sq: Tensor | None = None
@@ -110,6 +111,7 @@ class _Recorder:
                     "non-reentrant gradient checkpointing (use_reentrant=False)"
                 )
             self.inputs[index] = args[0].detach()
+            self.versions[index] = args[0]._version
             output.register_hook(lambda go: self.on_grad(index, go))
 
         return hook
@@ -119,6 +121,11 @@ class _Recorder:
         self.inputs[index] = None  # free the activation as soon as its layer is done
         if x is None:
             return
+        if x._version != self.versions[index]:
+            # The detached view bypasses autograd's own check, so an in-place change would go unnoticed.
+            raise RuntimeError(
+                f"the input of target layer {index} was modified in place after the forward pass"
+            )
         with torch.no_grad():
             batch = x.shape[0]
             x3 = x.reshape(batch, -1, x.shape[-1]).float()

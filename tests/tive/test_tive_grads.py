@@ -213,3 +213,18 @@ def test_bad_inputs_are_refused(lora_model):
         per_example_grads(layers[:4], proj, lambda b: per_example_loss(lora_model, b), batch)
     with pytest.raises(ValueError, match="norm_method"):
         per_example_grads(layers, proj, lambda b: per_example_loss(lora_model, b), batch, norm_method="exact")
+
+
+def test_inputs_modified_in_place_after_forward_are_detected():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3, bias=False)
+    proj = build_projector("identity", None, 0, layer_shapes([lin]))
+
+    def loss_fn(x):
+        hidden = x * 1.0
+        out = lin(hidden)
+        hidden.mul_(2)  # the output-gradient hook runs before autograd would notice this itself
+        return out.pow(2).sum(-1)
+
+    with pytest.raises(RuntimeError, match="modified in place"):
+        per_example_grads([lin], proj, loss_fn, torch.randn(2, 4))
