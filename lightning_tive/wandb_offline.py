@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ def _records(data: bytes) -> list[bytes]:
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos : pos + _CHUNK_HEADER])
         body = data[pos + _CHUNK_HEADER : pos + _CHUNK_HEADER + length]
+        if len(body) < length:  # the writer is still appending this chunk
+            break
         pos += _CHUNK_HEADER + length
         if kind == 0 and length == 0:
             continue
@@ -52,17 +55,34 @@ def find_offline_run(save_dir: str | os.PathLike) -> Path:
     return Path(files[-1])
 
 
-def read_history(run_file: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every logged history row of an offline run, as {key: decoded JSON value}."""
+def read_history(run_file: str | os.PathLike, wait_s: float = 30.0) -> list[dict[str, Any]]:
+    """Every logged history row of an offline run, as {key: decoded JSON value}.
+
+    W&B's service may still be writing after `finish()` returns, so this waits up to `wait_s` for the
+    run's exit record.
+    """
     from wandb.proto import wandb_internal_pb2 as pb
 
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = []
+        for raw in _records(Path(run_file).read_bytes()):
+            record = pb.Record()
+            record.ParseFromString(raw)
+            records.append(record)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     rows = []
-    for raw in _records(Path(run_file).read_bytes()):
-        record = pb.Record()
-        record.ParseFromString(raw)
+    for record in records:
         if record.WhichOneof("record_type") != "history":
             continue
-        rows.append(
-            {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in record.history.item}
-        )
+        row: dict[str, Any] = {}
+        for item in record.history.item:
+            path = [item.key] if item.key else list(item.nested_key)
+            target = row
+            for part in path[:-1]:  # media (histograms, tables, images) arrive as one item per field
+                target = target.setdefault(part, {})
+            target[path[-1]] = json.loads(item.value_json)
+        rows.append(row)
     return rows

@@ -1,0 +1,222 @@
+"""TIVESelectionCallback end to end on the tiny model and a small demo mixture."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from lightning_tive.callback import ReferenceLora, TIVESelectionCallback
+from lightning_tive.data.datamodule import LlavaDataModule
+from lightning_tive.data.demo import DemoConfig
+from lightning_tive.model import LlavaModule, TinyLlavaConfig
+
+DEMO = DemoConfig(train_sizes={"color": 24, "shape": 12, "count": 8, "text": 10, "caption": 6}, val_size=2)
+POOL = sum(DEMO.train_sizes.values())
+BATCH = 6
+
+
+class SimulatedKill(RuntimeError):
+    """Stands in for a kill in the middle of valuation (Lightning swallows KeyboardInterrupt)."""
+
+
+class Probe(L.Callback):
+    """Records what training actually sees, and the main weights before the first step."""
+
+    def __init__(self):
+        self.seen: list[int] = []
+        self.weights_at_setup: dict | None = None
+        self.weights_at_train_start: dict | None = None
+
+    def setup(self, trainer, pl_module, stage):
+        self.weights_at_setup = {n: p.detach().clone() for n, p in pl_module.trainable_parameters()}
+
+    def on_fit_start(self, trainer, pl_module):  # runs after TIVE's on_fit_start (callback order)
+        self.weights_at_train_start = {n: p.detach().clone() for n, p in pl_module.trainable_parameters()}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen += batch["pool_index"].tolist()
+
+
+def run_fit(tmp_path, finetune="lora", max_epochs=1, ckpt_path=None, logger=False, **tive_kwargs):
+    settings = dict(
+        ratio=0.25, warmup_ratio=0.3, warmup_epochs=1, warmup_lr=1e-3, projector="kronecker", proj_dim=64,
+        reference_lora=ReferenceLora(r=4, alpha=8, dropout=0.0), output_dir=str(tmp_path / "tive"), seed=3,
+        chunk_size=16,
+    )
+    settings.update(tive_kwargs)
+    tive = TIVESelectionCallback(**settings)
+    probe = Probe()
+    module = LlavaModule(tiny=TinyLlavaConfig(), finetune=finetune)
+    dm = LlavaDataModule(demo=DEMO, batch_size=BATCH, max_length=256, output_dir=str(tmp_path))
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=max_epochs, logger=logger, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path,
+        callbacks=[tive, probe, L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+    )
+    trainer.fit(module, dm, ckpt_path=ckpt_path)
+    return trainer, tive, probe, dm
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lora_run")
+    return tmp, *run_fit(tmp)
+
+
+def test_subset_has_exactly_budget_and_tasks_csv_sums_to_it(lora_run):
+    tmp, trainer, tive, probe, dm = lora_run
+    budget = round(0.25 * POOL)
+    assert len(tive.selected) == budget
+    rows = list(__import__("csv").DictReader(open(tmp / "tive" / "tasks.csv")))
+    assert sum(int(r["budget"]) for r in rows) == budget
+    assert sum(int(r["selected"]) for r in rows) == budget
+    subset = json.loads((tmp / "tive" / "subset.json").read_text())
+    assert len(subset) == budget and all("task" in r and "conversations" in r for r in subset)
+    assert [r["id"] for r in subset] == [dm.pool_record(i)["id"] for i in tive.selected]
+    values = list(__import__("csv").DictReader(open(tmp / "tive" / "values.csv")))
+    assert [int(v["index"]) for v in values] == list(range(POOL))
+    assert sum(int(v["times_selected"]) for v in values) == budget
+    summary = json.loads((tmp / "tive" / "summary.json").read_text())
+    assert summary["pool_size"] == POOL and summary["budget"] == budget
+    assert {"warmup_s", "valuation_s", "selection_s"} <= set(summary["timings_s"])
+    assert (tmp / "tive" / "report.png").stat().st_size > 10_000
+    features = np.load(tmp / "tive" / "features" / "features.npy")
+    assert features.shape == (POOL, 64) and np.load(tmp / "tive" / "features" / "grad_norms.npy").shape == (POOL,)
+
+
+def test_training_loader_serves_exactly_the_subset(lora_run):
+    _, trainer, tive, probe, dm = lora_run
+    assert Counter(probe.seen) == Counter(tive.selected.tolist())
+    assert dm.train_indices.tolist() == tive.selected.tolist()
+
+
+def test_scheduler_length_matches_the_subset(lora_run):
+    _, trainer, tive, _, _ = lora_run
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.total_steps == math.ceil(len(tive.selected) / BATCH) * 1
+    assert trainer.global_step == scheduler.total_steps
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora", "qlora"])
+def test_main_weights_are_bit_identical_across_warm_up(tmp_path, finetune):
+    _, _, probe, _ = run_fit(tmp_path, finetune=finetune, stop_after_selection=True)
+    before, after = probe.weights_at_setup, probe.weights_at_train_start
+    assert before.keys() == after.keys() and len(before) > 0
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any("tive_reference" in k for k in after)
+
+
+def test_stop_after_selection_writes_files_and_trains_nothing(tmp_path):
+    trainer, tive, probe, dm = run_fit(tmp_path, stop_after_selection=True)
+    assert trainer.global_step == 0 and probe.seen == []
+    for name in ("tasks.csv", "values.csv", "subset.json", "summary.json", "report.png"):
+        assert (tmp_path / "tive" / name).exists(), name
+
+
+def test_features_from_reproduces_the_selection(lora_run, tmp_path, monkeypatch):
+    src, _, tive, _, _ = lora_run
+    calls = []
+    monkeypatch.setattr(TIVESelectionCallback, "_warm_up", lambda *a, **k: calls.append("warm-up"))
+    _, again, _, _ = run_fit(tmp_path, features_from=str(src / "tive" / "features"), stop_after_selection=True)
+    assert calls == []
+    assert again.selected.tolist() == tive.selected.tolist()
+    # a different ratio re-selects from the same features in seconds
+    _, half, _, _ = run_fit(tmp_path / "b", features_from=str(src / "tive" / "features"), ratio=0.5, stop_after_selection=True)
+    assert len(half.selected) == round(0.5 * POOL)
+
+
+def test_resumed_fit_reapplies_the_subset_without_new_valuation(lora_run, tmp_path, monkeypatch):
+    src, trainer, tive, _, _ = lora_run
+    ran = []
+    monkeypatch.setattr(TIVESelectionCallback, "_warm_up_and_value", lambda *a, **k: ran.append(1))
+    _, resumed, probe, dm = run_fit(tmp_path, max_epochs=2, ckpt_path=str(src / "ckpt" / "last.ckpt"))
+    assert ran == []
+    assert resumed.selected.tolist() == tive.selected.tolist()
+    assert Counter(probe.seen) == Counter(tive.selected.tolist())  # the second epoch, on the same subset
+
+
+def test_interrupted_valuation_resumes_from_stored_chunks(tmp_path, monkeypatch):
+    full, first, _, _ = run_fit(tmp_path / "ref", stop_after_selection=True)
+    reference = np.load(tmp_path / "ref" / "tive" / "features" / "features.npy")
+
+    from lightning_tive.tive.store import FeatureStore
+
+    original = FeatureStore.write_chunk
+    written = []
+
+    def crash_after_two(self, chunk_id, *args, **kwargs):
+        if len(written) == 2:
+            raise SimulatedKill("killed mid-valuation")
+        written.append(chunk_id)
+        return original(self, chunk_id, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureStore, "write_chunk", crash_after_two)
+    with pytest.raises(SimulatedKill):
+        run_fit(tmp_path / "run", stop_after_selection=True)
+    monkeypatch.setattr(FeatureStore, "write_chunk", original)
+    warmups = []
+    real_warm_up = TIVESelectionCallback._warm_up
+    monkeypatch.setattr(TIVESelectionCallback, "_warm_up", lambda *a, **k: (warmups.append(1), real_warm_up(*a, **k)))
+    _, second, _, _ = run_fit(tmp_path / "run", stop_after_selection=True)
+    assert warmups == []  # the saved reference adapter was reused
+    assert sorted(written) == [0, 1]
+    assert np.array_equal(np.load(tmp_path / "run" / "tive" / "features" / "features.npy"), reference)
+    assert second.selected.tolist() == first.selected.tolist()
+
+
+def test_wandb_offline_run_holds_the_value_histograms(tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import WandbLogger
+
+    from lightning_tive.wandb_offline import find_offline_run, read_history
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = WandbLogger(project="lightning_tive_test", offline=True, save_dir=str(tmp_path))
+    run_fit(tmp_path, logger=logger, stop_after_selection=True)
+    logger.experiment.finish()
+    import wandb
+
+    wandb.teardown()  # stops W&B's service, which flushes the run file
+    rows = read_history(find_offline_run(tmp_path), wait_s=5)
+    merged = {k: v for row in rows for k, v in row.items()}
+    for task in DEMO.train_sizes:
+        assert merged[f"tive/instance_value/{task}"]["_type"] == "histogram"
+        assert merged[f"tive/grad_norm/{task}"]["_type"] == "histogram"
+    assert merged["tive/budget"] == round(0.25 * POOL) and merged["tive/pool_size"] == POOL
+    assert merged["tive/tasks"]["_type"] == "table-file"
+    assert merged["tive/report"]["_type"] == "image-file"
+    assert any("tive/warmup_loss" in row for row in rows)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"ratio": 0.0}, "tive.ratio"),
+        ({"ratio": 1.5}, "tive.ratio"),
+        ({"projector": "gaussian"}, "tive.projector"),
+        ({"proj_dim": 0}, "tive.proj_dim"),
+        ({"temperature": 0.0}, "tive.temperature"),
+        ({"sampling": "greedy"}, "tive.sampling"),
+    ],
+)
+def test_impossible_settings_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TIVESelectionCallback(**kwargs)
+
+
+def test_unsupported_strategy_is_refused_before_any_work(tmp_path):
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    tive = TIVESelectionCallback()
+
+    class FakeTrainer:
+        strategy = FSDPStrategy.__new__(FSDPStrategy)
+
+    with pytest.raises(RuntimeError, match="supports SingleDeviceStrategy and DDPStrategy, not FSDPStrategy"):
+        tive.setup(FakeTrainer(), LlavaModule.__new__(LlavaModule), "fit")
