@@ -76,7 +76,7 @@ class TIVESelectionCallback(Callback):
         warmup_batch_size: warm-up batch size per process (default: the DataModule's).
         reference_lora: the reference adapter's LoRA settings.
         projector: `kronecker` (structured, never forms the full gradient), `rademacher` or `identity`.
-        proj_dim: feature dimension (8192 in the paper); with `identity` it must equal the adapter size.
+        proj_dim: feature dimension (8192 in the paper); ignored by `identity` (the adapter's size).
         sampling: `softmax` (∝ exp(u/temperature)), `topk` or `uniform` inside each task.
         temperature: softmax temperature; → 0 is top-k, large is uniform (authors' code: 1000).
         exclude_tasks: tasks that get no budget (authors' code: TextCaps).
@@ -242,10 +242,11 @@ class TIVESelectionCallback(Callback):
         was_training = module.training
         layers = module.add_reference_adapter(self.reference_lora, self.seed)
         try:
+            projector = self._projector(layers)
             store = FeatureStore(
                 out / "features",
                 datamodule.pool_size,
-                self.proj_dim,
+                projector.proj_dim,
                 dtype=self.feature_dtype,
                 chunk_size=self.chunk_size,
                 extra=self._fingerprint(module, datamodule),
@@ -262,7 +263,7 @@ class TIVESelectionCallback(Callback):
                     _save_adapter(layers, adapter_file)
             timings["warmup_s"] = time.perf_counter() - clock
             clock = time.perf_counter()
-            self._value(trainer, module, datamodule, layers, store)
+            self._value(trainer, module, datamodule, layers, projector, store)
             timings["valuation_s"] = time.perf_counter() - clock
         finally:
             module.remove_reference_adapter()
@@ -320,16 +321,22 @@ class TIVESelectionCallback(Callback):
                 bar.set_postfix(loss=f"{float(loss_value):.3f}")
         bar.close()
 
-    def _value(self, trainer: L.Trainer, module: Any, datamodule: Any, layers: list, store: FeatureStore) -> None:
+    def _projector(self, layers: list) -> Any:
+        # `identity` keeps the whole gradient: its dimension is the adapter's size, not proj_dim.
+        dim = None if self.projector_kind == "identity" else self.proj_dim
+        return build_projector(self.projector_kind, dim, self.seed, layer_shapes(layers))
+
+    def _value(
+        self, trainer: L.Trainer, module: Any, datamodule: Any, layers: list, projector: Any, store: FeatureStore
+    ) -> None:
         missing = store.missing_chunks()
         mine = missing[trainer.global_rank :: trainer.world_size]
-        projector = build_projector(self.projector_kind, self.proj_dim, self.seed, layer_shapes(layers))
         module.eval()  # dropout off: features are deterministic
         batch_size = self.valuation_batch_size or getattr(datamodule, "batch_size", 8)
         bar = _progress(trainer, sum(np.diff(store.chunk_range(c))[0] for c in mine), "TIVE valuation")
         for chunk in mine:
             start, stop = store.chunk_range(chunk)
-            features = np.zeros((stop - start, self.proj_dim), dtype=np.float32)
+            features = np.zeros((stop - start, store.proj_dim), dtype=np.float32)
             norms = np.full(stop - start, np.nan, dtype=np.float32)  # stays NaN for a record skipped as bad
             for batch in datamodule.pool_dataloader(np.arange(start, stop), batch_size=batch_size):
                 count = len(batch["pool_index"]) + len(batch.get("skipped_pool_index", []))

@@ -220,3 +220,12 @@ def test_unsupported_strategy_is_refused_before_any_work(tmp_path):
 
     with pytest.raises(RuntimeError, match="supports SingleDeviceStrategy and DDPStrategy, not FSDPStrategy"):
         tive.setup(FakeTrainer(), LlavaModule.__new__(LlavaModule), "fit")
+
+
+def test_identity_projector_stores_the_whole_adapter_gradient(tmp_path):
+    trainer, tive, _, _ = run_fit(tmp_path, projector="identity", stop_after_selection=True)
+    features = np.load(tmp_path / "tive" / "features" / "features.npy")
+    norms = np.load(tmp_path / "tive" / "features" / "grad_norms.npy")
+    # r=4 LoRA on q/k/v/o of 2 layers of width 128: 8 modules x (4x128 + 128x4)
+    assert features.shape == (POOL, 8 * 2 * 4 * 128)
+    np.testing.assert_allclose(np.linalg.norm(features.astype(np.float64), axis=1), norms, rtol=2e-3)
