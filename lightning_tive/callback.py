@@ -20,8 +20,17 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_tive import report
 from lightning_tive.tive.grads import layer_shapes, per_example_grads
 from lightning_tive.tive.projection import PROJECTOR_KINDS, build_projector
-from lightning_tive.tive.selection import SAMPLING_MODES, select
-from lightning_tive.tive.store import FeatureStore
+from lightning_tive.tive.selection import SAMPLING_MODES, select_from_values
+from lightning_tive.tive.store import (
+    INDICES,
+    SHARDS,
+    FeatureStore,
+    ShardedFeatures,
+    shard_indices,
+    shard_name,
+    write_shard_index,
+)
+from lightning_tive.tive.values import instance_values
 from lightning_tive.tive.warmup import balanced_warmup_indices
 
 SUPPORTED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
@@ -73,7 +82,8 @@ class TIVESelectionCallback(Callback):
         warmup_ratio: size of the task-balanced warm-up set as a fraction of the pool.
         warmup_epochs: epochs of reference-adapter training.
         warmup_lr: AdamW learning rate of the reference adapter (cosine schedule, 3% warm-up).
-        warmup_batch_size: warm-up batch size per process (default: the DataModule's).
+        warmup_batch_size: global warm-up batch size, split over the processes (default: the
+            DataModule's batch size times the number of processes).
         reference_lora: the reference adapter's LoRA settings.
         projector: `kronecker` (structured, never forms the full gradient), `rademacher` or `identity`.
         proj_dim: feature dimension (8192 in the paper); ignored by `identity` (the adapter's size).
@@ -205,25 +215,34 @@ class TIVESelectionCallback(Callback):
             out.mkdir(parents=True, exist_ok=True)
         trainer.strategy.barrier("tive-output-dir")
         timings: dict[str, float] = {}
+        sharded = False
         if self.features_from is not None:
-            norms, features = self._load_features(Path(self.features_from), datamodule)
+            source, indices, norms = self._open_features(Path(self.features_from), datamodule)
         else:
-            norms, features = self._warm_up_and_value(trainer, pl_module, datamodule, out, timings)
+            source, indices = self._warm_up_and_value(trainer, pl_module, datamodule, out, timings)
+            norms = source.read_norms()
+            sharded = trainer.world_size > 1
         clock = time.perf_counter()
-        result = select(
-            norms,
-            features,
-            datamodule.pool_task_ids,
-            datamodule.task_names,
-            ratio=self.ratio,
-            exclude_tasks=self.exclude_tasks,
-            sampling=self.sampling,
-            temperature=self.temperature,
-            seed=self.seed,
+        task_ids = np.asarray(datamodule.pool_task_ids)
+        # Each process passes its own rows; pass 1's per-task sums are summed across processes.
+        u, finite = instance_values(
+            source, task_ids[indices], len(datamodule.task_names), np.isfinite(norms),
+            all_reduce=_all_reduce_sum if sharded else None,
         )
-        timings["selection_s"] = time.perf_counter() - clock
-        self.selected = np.asarray(result.selected_indices, dtype=np.int64)
-        self.summary = self._summary(datamodule, result, timings)
+        norms, u, finite = _gather_by_index(datamodule.pool_size, indices, norms, u, finite, sharded)
+        result = None
+        if trainer.is_global_zero:
+            result = select_from_values(
+                norms, u, finite, task_ids, datamodule.task_names, ratio=self.ratio,
+                exclude_tasks=self.exclude_tasks, sampling=self.sampling, temperature=self.temperature, seed=self.seed,
+            )
+            timings["selection_s"] = time.perf_counter() - clock
+            payload = (result.selected_indices.tolist(), self._summary(datamodule, result, timings))
+        else:
+            payload = None
+        selected, self.summary = trainer.strategy.broadcast(payload, src=0)
+        self.selected = np.asarray(selected, dtype=np.int64)
+        self._check_same_everywhere(trainer, out)
         if trainer.is_global_zero:
             self._write_outputs(trainer, datamodule, result, out)
         trainer.strategy.barrier("tive-outputs")
@@ -237,33 +256,48 @@ class TIVESelectionCallback(Callback):
 
     def _warm_up_and_value(
         self, trainer: L.Trainer, module: Any, datamodule: Any, out: Path, timings: dict
-    ) -> tuple[np.ndarray, FeatureStore]:
+    ) -> tuple[FeatureStore, np.ndarray]:
         before = _trainable_fingerprint(module)
         was_training = module.training
+        world, rank = trainer.world_size, trainer.global_rank
         layers = module.add_reference_adapter(self.reference_lora, self.seed)
         try:
             projector = self._projector(layers)
+            folder = out / "features"
+            if world > 1:
+                if trainer.is_global_zero:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    write_shard_index(folder, datamodule.pool_size, self.chunk_size, world)
+                trainer.strategy.barrier("tive-shard-index")
+                folder = folder / shard_name(world, rank)
+            indices = shard_indices(datamodule.pool_size, self.chunk_size, world, rank)
             store = FeatureStore(
-                out / "features",
-                datamodule.pool_size,
+                folder,
+                len(indices),
                 projector.proj_dim,
                 dtype=self.feature_dtype,
                 chunk_size=self.chunk_size,
-                extra=self._fingerprint(module, datamodule),
+                extra={**self._fingerprint(module, datamodule), "world_size": world, "rank": rank},
             )
+            np.save(folder / INDICES, indices)
             adapter_file = out / "reference_adapter.pt"
+            needs_valuation = _any_rank(trainer, bool(store.missing_chunks()))
+            resume = needs_valuation and _any_rank(trainer, trainer.is_global_zero and adapter_file.exists())
             clock = time.perf_counter()
-            if store.missing_chunks() and adapter_file.exists():
+            if resume:
                 # A valuation was interrupted: reuse its adapter so the remaining features match.
-                _load_adapter(layers, adapter_file)
-                rank_zero_info(f"[tive] resuming valuation with the reference adapter from {adapter_file}")
-            elif store.missing_chunks():
+                if trainer.is_global_zero:
+                    _load_adapter(layers, adapter_file)
+                    rank_zero_info(f"[tive] resuming valuation with the reference adapter from {adapter_file}")
+                _broadcast_layers(layers, world)
+            elif needs_valuation:
                 self._warm_up(trainer, module, datamodule)
                 if trainer.is_global_zero:
                     _save_adapter(layers, adapter_file)
             timings["warmup_s"] = time.perf_counter() - clock
+            self.adapter_sha256 = _layers_sha256(layers)
             clock = time.perf_counter()
-            self._value(trainer, module, datamodule, layers, projector, store)
+            self._value(trainer, module, datamodule, layers, projector, store, indices)
             timings["valuation_s"] = time.perf_counter() - clock
         finally:
             module.remove_reference_adapter()
@@ -272,19 +306,18 @@ class TIVESelectionCallback(Callback):
         if after != before:
             changed = sorted(k for k in before if before[k] != after.get(k))[:5]
             raise RuntimeError(f"the warm-up changed the main model's trainable weights (e.g. {changed})")
-        return store.read_norms(), store
+        return store, indices
 
     def _warm_up(self, trainer: L.Trainer, module: Any, datamodule: Any) -> None:
+        """Train the reference adapter; every process runs its slice of each global batch."""
         from lightning_tive.model import WarmupCosineLR
 
         size = int(round(self.warmup_ratio * datamodule.pool_size))
-        if size > datamodule.pool_size:
-            warnings.warn(f"tive warm-up of {size} exceeds the pool; using all {datamodule.pool_size}", stacklevel=2)
         indices = balanced_warmup_indices(datamodule.pool_task_ids, len(datamodule.task_names), size, self.seed)
         params = [p for p in module.parameters() if p.requires_grad]
         world, rank = trainer.world_size, trainer.global_rank
-        batch_size = self.warmup_batch_size or getattr(datamodule, "batch_size", 8)
-        steps_per_epoch = max(1, math.ceil(len(indices) / (batch_size * world)))
+        global_batch = self.warmup_batch_size or getattr(datamodule, "batch_size", 8) * world
+        steps_per_epoch = max(1, math.ceil(len(indices) / global_batch))
         optimizer = torch.optim.AdamW(params, lr=self.warmup_lr, weight_decay=0.0)
         scheduler = WarmupCosineLR(optimizer, total_steps=steps_per_epoch * self.warmup_epochs)
         module.train()
@@ -292,22 +325,24 @@ class TIVESelectionCallback(Callback):
         bar = _progress(trainer, steps_per_epoch * self.warmup_epochs, "TIVE warm-up")
         for epoch in range(self.warmup_epochs):
             order = np.random.default_rng([self.seed, epoch]).permutation(indices)
-            shard = _shard(order, world, rank, batch_size)
-            for batch in datamodule.pool_dataloader(shard, batch_size=batch_size):
+            global_batches = [order[k : k + global_batch] for k in range(0, len(order), global_batch)]
+            local = [b[rank::world] for b in global_batches]
+            loader = datamodule.pool_dataloader(batches=local)
+            for batch, whole in zip(loader, global_batches):
                 loss_value = torch.zeros((), device=trainer.strategy.root_device)
                 grads = [torch.zeros_like(p) for p in params]
-                if "input_ids" in batch:  # a batch of only skipped records contributes nothing
+                if "input_ids" in batch:  # empty when this slice was all skipped records (or G < world)
                     batch = trainer.strategy.batch_to_device(batch)
                     with trainer.precision_plugin.forward_context():
-                        loss = module.per_example_loss(batch).mean()
+                        # Sum over this slice / size of the whole batch: summed over processes, the
+                        # mean over the global batch, whatever the number of processes.
+                        loss = module.per_example_loss(batch).sum() / len(whole)
                     grads = list(torch.autograd.grad(loss, params))
                     loss_value = loss.detach().float()
                 if world > 1:
                     for g in grads:
-                        torch.distributed.all_reduce(g)
-                        g.div_(world)
-                    torch.distributed.all_reduce(loss_value)
-                    loss_value /= world
+                        _all_reduce_sum(g)
+                    _all_reduce_sum(loss_value)
                 for p, g in zip(params, grads):
                     p.grad = g.to(p.dtype)
                 optimizer.step()
@@ -327,21 +362,31 @@ class TIVESelectionCallback(Callback):
         return build_projector(self.projector_kind, dim, self.seed, layer_shapes(layers))
 
     def _value(
-        self, trainer: L.Trainer, module: Any, datamodule: Any, layers: list, projector: Any, store: FeatureStore
+        self,
+        trainer: L.Trainer,
+        module: Any,
+        datamodule: Any,
+        layers: list,
+        projector: Any,
+        store: FeatureStore,
+        indices: np.ndarray,
     ) -> None:
+        """Features of this process's pool indices, chunk by chunk into its store."""
         missing = store.missing_chunks()
-        mine = missing[trainer.global_rank :: trainer.world_size]
         module.eval()  # dropout off: features are deterministic
         batch_size = self.valuation_batch_size or getattr(datamodule, "batch_size", 8)
-        bar = _progress(trainer, sum(np.diff(store.chunk_range(c))[0] for c in mine), "TIVE valuation")
-        for chunk in mine:
+        bar = _progress(trainer, sum(np.diff(store.chunk_range(c))[0] for c in missing), "TIVE valuation")
+        self.valued_now = 0
+        for chunk in missing:
             start, stop = store.chunk_range(chunk)
+            pool_indices = indices[start:stop]
+            position = {int(p): k for k, p in enumerate(pool_indices)}
             features = np.zeros((stop - start, store.proj_dim), dtype=np.float32)
             norms = np.full(stop - start, np.nan, dtype=np.float32)  # stays NaN for a record skipped as bad
-            for batch in datamodule.pool_dataloader(np.arange(start, stop), batch_size=batch_size):
+            for batch in datamodule.pool_dataloader(pool_indices, batch_size=batch_size):
                 count = len(batch["pool_index"]) + len(batch.get("skipped_pool_index", []))
                 if "input_ids" in batch:
-                    rows = batch["pool_index"].numpy() - start
+                    rows = [position[int(p)] for p in batch["pool_index"]]
                     batch = trainer.strategy.batch_to_device(batch)
                     with trainer.precision_plugin.forward_context():
                         grads = per_example_grads(layers, projector, module.per_example_loss, batch)
@@ -349,35 +394,66 @@ class TIVESelectionCallback(Callback):
                     norms[rows] = grads.norms.float().cpu().numpy()
                 bar.update(count)
             store.write_chunk(chunk, np.arange(start, stop), features, norms)
+            self.valued_now += stop - start
         bar.close()
         trainer.strategy.barrier("tive-valuation")
         if not store.is_complete():
             raise RuntimeError(f"feature store {store.folder} is incomplete after valuation: {store.missing_chunks()[:5]}")
 
-    def _load_features(self, folder: Path, datamodule: Any) -> tuple[np.ndarray, Any]:
+    def _open_features(self, folder: Path, datamodule: Any) -> tuple[Any, np.ndarray, np.ndarray]:
+        """(source, pool index of each source row, norms) from a features folder of any layout."""
+        pool = datamodule.pool_size
+        if (folder / SHARDS).exists():
+            source = ShardedFeatures(folder)
+            if source.pool_size != pool:
+                raise ValueError(
+                    f"tive.features_from={folder} holds {source.pool_size} examples, the pool has {pool}: "
+                    "it was computed for another pool"
+                )
+            if not source.is_complete():
+                raise ValueError(f"tive.features_from={folder} is incomplete")
+            return source, source.indices, source.read_norms()
         if (folder / FeatureStore.META).exists():
             store = FeatureStore.open(folder)
-            if store.pool_size != datamodule.pool_size:
+            if store.pool_size != pool:
                 raise ValueError(
                     f"tive.features_from={folder} holds {store.pool_size} examples, the pool has "
-                    f"{datamodule.pool_size}: it was computed for another pool"
+                    f"{pool}: it was computed for another pool"
                 )
             if not store.is_complete():
                 raise ValueError(f"tive.features_from={folder} is incomplete (chunks {store.missing_chunks()[:5]} missing)")
-            return store.read_norms(), store
+            return store, np.arange(pool), store.read_norms()
         features = np.load(folder / "features.npy", mmap_mode="r")
         norms = np.load(folder / "grad_norms.npy").astype(np.float32)
-        if features.ndim != 2 or features.shape[0] != datamodule.pool_size or norms.shape != (datamodule.pool_size,):
+        if features.ndim != 2 or features.shape[0] != pool or norms.shape != (pool,):
             raise ValueError(
                 f"tive.features_from={folder}: features {features.shape} / grad_norms {norms.shape} do not match "
-                f"the pool of {datamodule.pool_size} examples"
+                f"the pool of {pool} examples"
             )
         warnings.warn(
             f"tive.features_from={folder} has no meta.json: its shape matches the pool, but which model, "
             "adapter and projection produced it cannot be checked",
             stacklevel=2,
         )
-        return norms, np.asarray(features)
+        return np.asarray(features), np.arange(pool), norms
+
+    def _check_same_everywhere(self, trainer: L.Trainer, out: Path) -> None:
+        """Every process must train on the identical multiset (else the DistributedSampler hangs)."""
+        digest = hashlib.sha256(self.selected.tobytes()).hexdigest()
+        record = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "selection_sha256": digest,
+            "reference_adapter_sha256": getattr(self, "adapter_sha256", None),
+            "valued_this_run": getattr(self, "valued_now", 0),
+        }
+        (out / "ranks").mkdir(parents=True, exist_ok=True)
+        report.write_json(out / "ranks" / f"rank-{trainer.global_rank:05d}.json", record)
+        if trainer.world_size > 1:
+            digests = [None] * trainer.world_size
+            torch.distributed.all_gather_object(digests, digest)
+            if len(set(digests)) != 1:
+                raise RuntimeError(f"processes disagree on the TIVE selection: {digests}")
 
     def _swap(self, trainer: L.Trainer, module: Any, datamodule: Any) -> None:
         datamodule.set_train_indices(self.selected)
@@ -464,13 +540,52 @@ class TIVESelectionCallback(Callback):
         self.summary = state_dict.get("summary", {})
 
 
-def _shard(order: np.ndarray, world: int, rank: int, batch_size: int) -> np.ndarray:
-    """This rank's share, padded by wrapping so every rank runs the same number of batches."""
-    if world == 1:
-        return order
-    per_rank = math.ceil(len(order) / (world * batch_size)) * batch_size
-    padded = np.resize(order, per_rank * world)
-    return padded[rank::world]
+def _all_reduce_sum(tensor: torch.Tensor) -> None:
+    """In-place sum over processes (gloo/NCCL); tensors stay where they are."""
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+
+
+def _any_rank(trainer: L.Trainer, flag: bool) -> bool:
+    """True if `flag` holds on any process."""
+    if trainer.world_size == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=trainer.strategy.root_device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def _gather_by_index(
+    pool_size: int, indices: np.ndarray, norms: np.ndarray, u: np.ndarray, finite: np.ndarray, sharded: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pool-ordered norms, instance values and finite flags; gathered from every process when sharded."""
+    parts = [(indices, norms, u, finite)]
+    if sharded:
+        parts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, (indices, norms, u, finite))
+    out_norms = np.full(pool_size, np.nan, dtype=np.float64)
+    out_u = np.full(pool_size, np.nan, dtype=np.float64)
+    out_finite = np.zeros(pool_size, dtype=bool)
+    seen = np.zeros(pool_size, dtype=np.int64)
+    for idx, n, v, f in parts:
+        out_norms[idx], out_u[idx], out_finite[idx] = n, v, f
+        seen[idx] += 1
+    if not (seen == 1).all():
+        raise RuntimeError(f"valuation covered {int((seen == 0).sum())} pool indices 0 times and {int((seen > 1).sum())} more than once")
+    return out_norms, out_u, out_finite
+
+
+def _layers_sha256(layers: list) -> str:
+    digest = hashlib.sha256()
+    for name, layer in layers:
+        digest.update(name.encode())
+        digest.update(layer.weight.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _broadcast_layers(layers: list, world: int) -> None:
+    if world > 1:
+        for _, layer in layers:
+            torch.distributed.broadcast(layer.weight.data, src=0)
 
 
 def _trainable_fingerprint(module: torch.nn.Module) -> dict[str, str]:

@@ -272,16 +272,32 @@ class LlavaDataModule(L.LightningDataModule):
         pool = self._require_pool()
         return {**pool.records[index], "task": pool.task_of(index)}
 
-    def pool_dataloader(self, indices: Sequence[int] | None = None, batch_size: int | None = None) -> DataLoader:
-        """A loader over pool indices in the given order; each batch carries `pool_index`."""
+    def pool_dataloader(
+        self,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        batches: Sequence[Sequence[int]] | None = None,
+    ) -> DataLoader:
+        """A loader over pool indices in the given order; each batch carries `pool_index`.
+
+        `batches` gives the exact pool indices of every batch instead (sizes may differ, even be 0).
+        """
         pool = self._require_pool()
+        collate = LlavaCollator(self._pad_id())
+        if batches is not None:
+            return DataLoader(
+                self._dataset,
+                batch_sampler=[[int(i) for i in b] for b in batches],
+                num_workers=self.num_workers,
+                collate_fn=collate,
+            )
         indices = np.arange(len(pool)) if indices is None else np.asarray(indices, dtype=np.int64)
         return DataLoader(
             IndexView(self._dataset, indices),
             batch_size=batch_size or self.batch_size,
             shuffle=False,
             num_workers=self.num_workers,
-            collate_fn=LlavaCollator(self._pad_id()),
+            collate_fn=collate,
         )
 
     def set_train_indices(self, indices: Sequence[int]) -> None:

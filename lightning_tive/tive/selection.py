@@ -36,6 +36,7 @@ __all__ = [
     "gumbel_noise",
     "sample_within_tasks",
     "select",
+    "select_from_values",
     "total_budget",
 ]
 
@@ -206,30 +207,48 @@ def select(
     block_rows: int = 16384,
     num_threads: int | None = 1,
 ) -> SelectionResult:
-    """Run TIVE's values, budgets and sampling over a pool; ``features`` is an array [N, d] or a FeatureStore.
-
-    ``norms`` [N] are the exact gradient norms (NaN = non-finite), ``task_ids`` [N] index into
-    ``task_names``; ``block_rows`` and ``num_threads`` only tune the streaming passes (see
-    :func:`~lightning_tive.tive.values.instance_values`).
-    """
-    names = [str(t) for t in task_names]
-    if len(set(names)) != len(names):
-        raise ValueError(f"task_names has duplicates: {names}")
+    """Run TIVE's values, budgets and sampling over a pool; ``features`` is an array [N, d] or a FeatureStore."""
+    names = _check_names(task_names)
     source = as_feature_source(features)
-    n_rows = source.num_rows
     norm_arr = np.asarray(norms, dtype=np.float64).reshape(-1)
-    if norm_arr.shape[0] != n_rows:
-        raise ValueError(f"{norm_arr.shape[0]} gradient norms for {n_rows} feature rows")
-    budget = total_budget(n_rows, ratio)
-    _check_sampling(sampling, temperature)
-    unknown = sorted(set(exclude_tasks) - set(names))
-    if unknown:
-        raise ValueError(f"exclude_tasks names unknown task(s) {unknown}; known tasks: {names}")
-
+    if norm_arr.shape[0] != source.num_rows:
+        raise ValueError(f"{norm_arr.shape[0]} gradient norms for {source.num_rows} feature rows")
+    _check_request(names, ratio, exclude_tasks, sampling, temperature)
     clock = time.perf_counter()
     u, finite = instance_values(
         source, task_ids, len(names), np.isfinite(norm_arr), block_rows=block_rows, num_threads=num_threads
     )
+    values_s = time.perf_counter() - clock
+    result = select_from_values(
+        norm_arr, u, finite, task_ids, names, ratio, exclude_tasks, sampling, temperature, seed
+    )
+    result.timings["values_s"] += values_s
+    return result
+
+
+def select_from_values(
+    norms: Any,
+    instance_vals: Any,
+    finite: Any,
+    task_ids: Any,
+    task_names: Sequence[str],
+    ratio: float = 0.15,
+    exclude_tasks: Sequence[str] = (),
+    sampling: str = "softmax",
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> SelectionResult:
+    """Budgets and sampling from already computed instance values (e.g. gathered from many processes)."""
+    names = _check_names(task_names)
+    norm_arr = np.asarray(norms, dtype=np.float64).reshape(-1)
+    u = np.asarray(instance_vals, dtype=np.float64).reshape(-1)
+    finite = np.asarray(finite, dtype=bool).reshape(-1) & np.isfinite(norm_arr) & np.isfinite(u)
+    n_rows = norm_arr.shape[0]
+    if u.shape[0] != n_rows or finite.shape[0] != n_rows:
+        raise ValueError(f"{n_rows} norms, {u.shape[0]} instance values and {finite.shape[0]} finite flags")
+    _check_request(names, ratio, exclude_tasks, sampling, temperature)
+    budget = total_budget(n_rows, ratio)
+    clock = time.perf_counter()
     tid = np.asarray(task_ids).astype(np.int64).reshape(-1)
     stats: TaskStats = task_values(norm_arr, tid, len(names), finite)
     timings = {"values_s": time.perf_counter() - clock}
@@ -264,7 +283,7 @@ def select(
     return SelectionResult(
         tasks=rows,
         budget=budget,
-        instance_values=u,
+        instance_values=np.where(finite, u, np.nan),
         times_selected=times,
         selected_indices=np.repeat(np.arange(n_rows, dtype=np.int64), times),
         finite=finite,
@@ -278,3 +297,20 @@ def select(
         },
         timings=timings,
     )
+
+
+def _check_names(task_names: Sequence[str]) -> list[str]:
+    names = [str(t) for t in task_names]
+    if len(set(names)) != len(names):
+        raise ValueError(f"task_names has duplicates: {names}")
+    return names
+
+
+def _check_request(
+    names: list[str], ratio: float, exclude_tasks: Sequence[str], sampling: str, temperature: float
+) -> None:
+    total_budget(1, ratio)  # validates the ratio
+    _check_sampling(sampling, temperature)
+    unknown = sorted(set(exclude_tasks) - set(names))
+    if unknown:
+        raise ValueError(f"exclude_tasks names unknown task(s) {unknown}; known tasks: {names}")

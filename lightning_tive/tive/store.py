@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FeatureStore"]
+__all__ = ["FeatureStore", "ShardedFeatures", "shard_indices", "write_shard_index"]
 
 FORMAT = "lightning_tive.features"
 VERSION = 1
@@ -296,3 +296,81 @@ class FeatureStore:
         if stop <= start:
             return np.empty((0, self.proj_dim), dtype=self.dtype)
         return next(self.iter_blocks(max(stop - start, 1), start, stop))[1]
+
+
+SHARDS = "shards.json"
+INDICES = "indices.npy"
+
+
+def shard_indices(pool_size: int, chunk_size: int, world_size: int, rank: int) -> np.ndarray:
+    """Pool indices one process values: pool chunks ``rank, rank + world, ...`` in order."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside [0, {world_size})")
+    chunks = range(rank, -(-pool_size // chunk_size), world_size)
+    parts = [np.arange(c * chunk_size, min((c + 1) * chunk_size, pool_size)) for c in chunks]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+
+
+def shard_name(world_size: int, rank: int) -> str:
+    """Folder name of one process's shard."""
+    return f"rank-{rank:05d}-of-{world_size:05d}"
+
+
+def write_shard_index(folder: str | os.PathLike, pool_size: int, chunk_size: int, world_size: int) -> None:
+    """`shards.json`: which shard folders make up a pool's features (each has its own `indices.npy`)."""
+    payload = {
+        "format": FORMAT,
+        "pool_size": int(pool_size),
+        "chunk_size": int(chunk_size),
+        "world_size": int(world_size),
+        "shards": [shard_name(world_size, r) for r in range(world_size)],
+    }
+    _atomic_write_text(Path(folder) / SHARDS, json.dumps(payload, indent=2) + "\n")
+
+
+class ShardedFeatures:
+    """Per-process shards read as one feature source (shard order), with the pool index of every row."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        """Open every shard listed in `shards.json` and check that together they cover the pool once."""
+        self.folder = Path(folder)
+        spec = json.loads((self.folder / SHARDS).read_text())
+        self.stores = [FeatureStore.open(self.folder / name) for name in spec["shards"]]
+        self.indices = np.concatenate([np.load(self.folder / name / INDICES) for name in spec["shards"]])
+        self.pool_size = int(spec["pool_size"])
+        covered = np.bincount(self.indices, minlength=self.pool_size) if len(self.indices) else np.zeros(0)
+        if len(covered) != self.pool_size or not (covered == 1).all():
+            raise ValueError(f"{self.folder}: the shards do not cover pool indices [0, {self.pool_size}) exactly once")
+        dims = {store.proj_dim for store in self.stores}
+        if len(dims) != 1:
+            raise ValueError(f"{self.folder}: shards disagree on the feature dimension {sorted(dims)}")
+
+    @property
+    def num_rows(self) -> int:
+        """Rows over all shards (= the pool size)."""
+        return len(self.indices)
+
+    @property
+    def dim(self) -> int:
+        """Feature dimension."""
+        return self.stores[0].proj_dim
+
+    def is_complete(self) -> bool:
+        """Every shard fully written."""
+        return all(store.is_complete() for store in self.stores)
+
+    def read_norms(self) -> np.ndarray:
+        """Gradient norms in shard order (pair them with `indices`)."""
+        return np.concatenate([store.read_norms() for store in self.stores])
+
+    def iter_blocks(
+        self, block_rows: int = 8192, start: int = 0, stop: int | None = None, reuse_buffer: bool = False
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Blocks of every shard in turn, numbered in shard order."""
+        if start != 0 or stop not in (None, self.num_rows):
+            raise ValueError("ShardedFeatures reads whole shards only")
+        offset = 0
+        for store in self.stores:
+            for first, block in store.iter_blocks(block_rows, reuse_buffer=reuse_buffer):
+                yield offset + first, block
+            offset += store.pool_size

@@ -17,7 +17,7 @@ holds the same numbers, for a given machine and thread count.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -168,6 +168,7 @@ def instance_values(
     finite: Any = None,
     block_rows: int = 16384,
     num_threads: int | None = 1,
+    all_reduce: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(u, finite)``: instance values [N] (float64, NaN where not finite) and the finite mask used.
 
@@ -176,13 +177,20 @@ def instance_values(
     ``num_threads`` sets torch's intra-op threads for the passes (restored after; None keeps the
     current setting). The default, 1, is the fastest measured on a busy 2-core machine (the work per
     sub-block is too small for thread hand-offs to pay) and makes results independent of it.
+    ``all_reduce`` (in-place sum across processes) turns this into the sharded computation: each
+    process passes its own rows, and the per-task sums and counts of pass 1 are summed over all.
     """
     with _torch_threads(num_threads):
-        return _instance_values(features, task_ids, num_tasks, finite, block_rows)
+        return _instance_values(features, task_ids, num_tasks, finite, block_rows, all_reduce)
 
 
 def _instance_values(
-    features: Any, task_ids: Any, num_tasks: int, finite: Any, block_rows: int
+    features: Any,
+    task_ids: Any,
+    num_tasks: int,
+    finite: Any,
+    block_rows: int,
+    all_reduce: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     source = as_feature_source(features)
     n_rows, dim = source.num_rows, source.dim
@@ -217,6 +225,9 @@ def _instance_values(
 
     ok_np = ok_all.numpy()
     counts = torch.from_numpy(np.bincount(tid[ok_np], minlength=num_tasks)).double()
+    if all_reduce is not None:
+        all_reduce(sums)
+        all_reduce(counts)
     means_t = (sums / counts.clamp_min(1)[:, None]).float().T.contiguous()  # [d, K]
 
     # Pass 2: u(s) = (f_s . mean_T) / ||f_s||.
