@@ -1,0 +1,128 @@
+"""The smoke select-then-train under DDP with 2 CPU processes (gloo), against a 1-process run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def overlay(tmp: Path, devices: int) -> Path:
+    text = f"""
+trainer:
+  devices: {devices}
+  strategy: {"ddp" if devices > 1 else "auto"}
+  logger: false
+  enable_checkpointing: false
+  callbacks: []
+  default_root_dir: {tmp}
+  limit_val_batches: 0
+data:
+  output_dir: {tmp}
+tive:
+  output_dir: {tmp}/tive
+  chunk_size: 32
+  warmup_batch_size: 8
+  reference_lora:
+    r: 8
+    alpha: 16
+    dropout: 0.0
+    target_modules: [q_proj, k_proj, v_proj, o_proj]
+"""
+    path = tmp / "overlay.yaml"
+    tmp.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def run(tmp: Path, devices: int) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable, "-m", "lightning_tive", "fit",
+        "--config", str(ROOT / "configs" / "demo.yaml"),
+        "--config", str(ROOT / "configs" / "smoke.yaml"),
+        "--config", str(overlay(tmp, devices)),
+    ]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done
+
+
+def values(tmp: Path) -> dict[int, dict]:
+    return {int(r["index"]): r for r in csv.DictReader(open(tmp / "tive" / "values.csv"))}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    one = tmp_path_factory.mktemp("one")
+    two = tmp_path_factory.mktemp("two")
+    run(one, 1)
+    run(two, 2)
+    return one, two
+
+
+def test_every_pool_index_valued_exactly_once_in_per_rank_shards(runs):
+    _, two = runs
+    folder = two / "tive" / "features"
+    spec = json.loads((folder / "shards.json").read_text())
+    assert spec["world_size"] == 2 and len(spec["shards"]) == 2
+    shards = [np.load(folder / name / "indices.npy") for name in spec["shards"]]
+    assert all(len(s) for s in shards)
+    together = np.concatenate(shards)
+    assert sorted(together.tolist()) == list(range(spec["pool_size"]))
+    for name, indices in zip(spec["shards"], shards):
+        features = np.load(folder / name / "features.npy")
+        assert features.shape[0] == len(indices)
+
+
+def test_ranks_agree_on_adapter_and_selection(runs):
+    _, two = runs
+    ranks = [json.loads(p.read_text()) for p in sorted((two / "tive" / "ranks").glob("rank-*.json"))]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert len({r["reference_adapter_sha256"] for r in ranks}) == 1 and ranks[0]["reference_adapter_sha256"]
+    assert len({r["selection_sha256"] for r in ranks}) == 1
+    assert sum(r["valued_this_run"] for r in ranks) == json.loads((two / "tive" / "summary.json").read_text())["pool_size"]
+
+
+def test_two_processes_match_one_process(runs):
+    one, two = runs
+    tasks_one = {r["task"]: int(r["budget"]) for r in csv.DictReader(open(one / "tive" / "tasks.csv"))}
+    tasks_two = {r["task"]: int(r["budget"]) for r in csv.DictReader(open(two / "tive" / "tasks.csv"))}
+    assert tasks_one == tasks_two
+    v1, v2 = values(one), values(two)
+    assert v1.keys() == v2.keys()
+    u1 = np.array([float(v1[i]["instance_value"]) for i in sorted(v1)])
+    u2 = np.array([float(v2[i]["instance_value"]) for i in sorted(v2)])
+    np.testing.assert_allclose(u1, u2, atol=1e-4)
+    s1 = Counter(r["id"] for r in json.loads((one / "tive" / "subset.json").read_text()))
+    s2 = Counter(r["id"] for r in json.loads((two / "tive" / "subset.json").read_text()))
+    overlap = sum((s1 & s2).values()) / sum(s1.values())
+    assert overlap >= 0.99, overlap
+
+
+def test_resumed_two_process_run_continues_from_its_shards(runs):
+    _, two = runs
+    before = json.loads((two / "tive" / "summary.json").read_text())
+    folder = two / "tive" / "features"
+    spec = json.loads((folder / "shards.json").read_text())
+    # forget the last finished chunk of every shard, as if both processes were killed mid-valuation
+    removed = 0
+    for name in spec["shards"]:
+        markers = sorted((folder / name / "done").iterdir())
+        markers[-1].unlink()
+        removed += len(np.load(folder / name / "indices.npy")) - 32 * (len(markers) - 1)
+    run(two, 2)
+    ranks = [json.loads(p.read_text()) for p in sorted((two / "tive" / "ranks").glob("rank-*.json"))]
+    assert sum(r["valued_this_run"] for r in ranks) == removed
+    after = json.loads((two / "tive" / "summary.json").read_text())
+    assert after["tasks"] == before["tasks"]
