@@ -264,6 +264,7 @@ class TIVESelectionCallback(Callback):
         try:
             projector = self._projector(layers)
             folder = out / "features"
+            _check_layout(folder, world)
             if world > 1:
                 if trainer.is_global_zero:
                     folder.mkdir(parents=True, exist_ok=True)
@@ -572,6 +573,21 @@ def _gather_by_index(
     if not (seen == 1).all():
         raise RuntimeError(f"valuation covered {int((seen == 0).sum())} pool indices 0 times and {int((seen > 1).sum())} more than once")
     return out_norms, out_u, out_finite
+
+
+def _check_layout(folder: Path, world: int) -> None:
+    """Refuse to mix features written by a different number of processes into this run."""
+    written = None
+    if (folder / SHARDS).exists():
+        written = json.loads((folder / SHARDS).read_text())["world_size"]
+    elif (folder / FeatureStore.META).exists():
+        written = 1
+    if written is not None and written != world:
+        raise RuntimeError(
+            f"{folder} holds features written by {written} process(es), and this run has {world}. "
+            f"Rerun with {written} process(es) to resume that valuation, re-select from it with "
+            f"`tive.features_from: {folder}`, or choose another `tive.output_dir`."
+        )
 
 
 def _layers_sha256(layers: list) -> str:

@@ -229,3 +229,12 @@ def test_identity_projector_stores_the_whole_adapter_gradient(tmp_path):
     # r=4 LoRA on q/k/v/o of 2 layers of width 128: 8 modules x (4x128 + 128x4)
     assert features.shape == (POOL, 8 * 2 * 4 * 128)
     np.testing.assert_allclose(np.linalg.norm(features.astype(np.float64), axis=1), norms, rtol=2e-3)
+
+
+def test_features_from_another_process_count_are_not_mixed_in(tmp_path):
+    from lightning_tive.tive.store import write_shard_index
+
+    (tmp_path / "tive" / "features").mkdir(parents=True)
+    write_shard_index(tmp_path / "tive" / "features", POOL, 16, world_size=2)
+    with pytest.raises(RuntimeError, match="written by 2 process"):
+        run_fit(tmp_path, stop_after_selection=True)
