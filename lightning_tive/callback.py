@@ -15,6 +15,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from jsonargparse.typing import PositiveFloat, PositiveInt, restricted_number_type
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_tive import report
@@ -34,6 +35,8 @@ from lightning_tive.tive.values import instance_values
 from lightning_tive.tive.warmup import balanced_warmup_indices
 
 SUPPORTED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
+# Types the CLI checks while parsing, so a bad `tive:` value fails before any model is loaded.
+Fraction = restricted_number_type("Fraction", float, [(">", 0), ("<=", 1)], docstring="a number in (0, 1]")
 STATE_VERSION = 1
 
 
@@ -102,24 +105,24 @@ class TIVESelectionCallback(Callback):
     def __init__(
         self,
         enabled: bool = True,
-        ratio: float = 0.15,
-        warmup_ratio: float = 0.08,
-        warmup_epochs: int = 1,
-        warmup_lr: float = 2e-5,
-        warmup_batch_size: int | None = None,
+        ratio: Fraction = 0.15,
+        warmup_ratio: Fraction = 0.08,
+        warmup_epochs: PositiveInt = 1,
+        warmup_lr: PositiveFloat = 2e-5,
+        warmup_batch_size: PositiveInt | None = None,
         reference_lora: ReferenceLora | None = None,
         projector: Literal["kronecker", "rademacher", "identity"] = "kronecker",
-        proj_dim: int = 8192,
+        proj_dim: PositiveInt = 8192,
         sampling: Literal["softmax", "topk", "uniform"] = "softmax",
-        temperature: float = 1.0,
+        temperature: PositiveFloat = 1.0,
         exclude_tasks: list[str] | None = None,
         seed: int = 0,
         output_dir: str | None = None,
         stop_after_selection: bool = False,
         features_from: str | None = None,
-        valuation_batch_size: int | None = None,
+        valuation_batch_size: PositiveInt | None = None,
         feature_dtype: Literal["float16", "float32"] = "float16",
-        chunk_size: int = 1024,
+        chunk_size: PositiveInt = 1024,
     ):
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"tive.ratio must be in (0, 1], got {ratio}")
@@ -190,6 +193,11 @@ class TIVESelectionCallback(Callback):
                 f"{type(pl_module).__name__} does not implement TIVE's model protocol "
                 "(add_reference_adapter, remove_reference_adapter, per_example_loss)"
             )
+        datamodule = trainer.datamodule
+        names = getattr(datamodule, "task_names", None)
+        unknown = sorted(set(self.exclude_tasks) - set(names or []))
+        if names is not None and unknown:
+            raise ValueError(f"tive.exclude_tasks names unknown task(s) {unknown}; the pool's tasks are {names}")
 
     def output_dir(self, trainer: L.Trainer) -> Path:
         """The folder the files go to."""
@@ -406,6 +414,7 @@ class TIVESelectionCallback(Callback):
         pool = datamodule.pool_size
         if (folder / SHARDS).exists():
             source = ShardedFeatures(folder)
+            _check_pool(folder, [s.meta["extra"] for s in source.stores], datamodule)
             if source.pool_size != pool:
                 raise ValueError(
                     f"tive.features_from={folder} holds {source.pool_size} examples, the pool has {pool}: "
@@ -416,6 +425,7 @@ class TIVESelectionCallback(Callback):
             return source, source.indices, source.read_norms()
         if (folder / FeatureStore.META).exists():
             store = FeatureStore.open(folder)
+            _check_pool(folder, [store.meta["extra"]], datamodule)
             if store.pool_size != pool:
                 raise ValueError(
                     f"tive.features_from={folder} holds {store.pool_size} examples, the pool has "
@@ -468,13 +478,14 @@ class TIVESelectionCallback(Callback):
 
     # ---------------------------------------------------------------- outputs
     def _fingerprint(self, module: Any, datamodule: Any) -> dict:
-        digest = hashlib.sha256()
-        for i in range(datamodule.pool_size):
-            record = datamodule.pool_record(i)
-            digest.update(json.dumps([record.get("id"), record.get("task")], default=str).encode())
-        model = {k: v for k, v in dict(getattr(module, "hparams", {})).items() if isinstance(v, (str, int, float, bool, type(None), dict, list))}
+        """What produced a feature store: pool, model, adapter, projection and warm-up settings."""
+        model = {
+            k: v
+            for k, v in dict(getattr(module, "hparams", {})).items()
+            if isinstance(v, (str, int, float, bool, type(None), dict, list))
+        }
         return {
-            "pool": digest.hexdigest()[:16],
+            "pool": _pool_fingerprint(datamodule),
             "model": model,
             "reference_lora": asdict(self.reference_lora),
             "projector": self.projector_kind,
@@ -573,6 +584,29 @@ def _gather_by_index(
     if not (seen == 1).all():
         raise RuntimeError(f"valuation covered {int((seen == 0).sum())} pool indices 0 times and {int((seen > 1).sum())} more than once")
     return out_norms, out_u, out_finite
+
+
+def _pool_fingerprint(datamodule: Any) -> str:
+    """A digest of the pool's records (ids, images, conversations) and tasks, in pool order."""
+    digest = hashlib.sha256()
+    for i in range(datamodule.pool_size):
+        digest.update(json.dumps(datamodule.pool_record(i), sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def _check_pool(folder: Path, extras: list[dict], datamodule: Any) -> None:
+    """Refuse features whose recorded pool is not this one (same size, other records or tasks)."""
+    recorded = {extra.get("pool") for extra in extras if extra.get("pool")}
+    if not recorded:
+        warnings.warn(f"tive.features_from={folder} records no pool fingerprint; it cannot be checked", stacklevel=3)
+        return
+    current = _pool_fingerprint(datamodule)
+    if recorded != {current}:
+        raise ValueError(
+            f"tive.features_from={folder} was computed for a different pool (fingerprint {sorted(recorded)} vs "
+            f"{current} now): the same number of examples but other records, order or tasks. Recompute the features "
+            "for this pool (drop tive.features_from), or point it at the run that used this data."
+        )
 
 
 def _check_layout(folder: Path, world: int) -> None:

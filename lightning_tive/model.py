@@ -137,7 +137,7 @@ class LlavaModule(L.LightningModule):
         train_projector: bool = True,
         projector_lr: float | None = None,
         gradient_checkpointing: bool = False,
-        torch_dtype: str | None = None,
+        torch_dtype: Literal["bfloat16", "float16", "float32"] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: SchedulerCallable | None = WarmupCosineLR,
         val_max_new_tokens: int = 16,

@@ -238,3 +238,35 @@ def test_features_from_another_process_count_are_not_mixed_in(tmp_path):
     write_shard_index(tmp_path / "tive" / "features", POOL, 16, world_size=2)
     with pytest.raises(RuntimeError, match="written by 2 process"):
         run_fit(tmp_path, stop_after_selection=True)
+
+
+def test_features_from_a_different_pool_of_the_same_size_is_refused(lora_run, tmp_path):
+    src = lora_run[0]
+    other = DemoConfig(train_sizes=dict(DEMO.train_sizes), val_size=2, seed=1)  # same sizes, other records
+    tive = TIVESelectionCallback(features_from=str(src / "tive" / "features"), output_dir=str(tmp_path / "tive"))
+    module = LlavaModule(tiny=TinyLlavaConfig(), finetune="lora")
+    dm = LlavaDataModule(demo=other, batch_size=BATCH, max_length=256, output_dir=str(tmp_path))
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, callbacks=[tive],
+                        enable_checkpointing=False, limit_val_batches=0, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="computed for a different pool"):
+        trainer.fit(module, dm)
+
+
+def test_features_from_a_plain_npy_pair_is_accepted_with_a_warning(lora_run, tmp_path):
+    src, _, tive, _, _ = lora_run
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    np.save(folder / "features.npy", np.load(src / "tive" / "features" / "features.npy"))
+    np.save(folder / "grad_norms.npy", np.load(src / "tive" / "features" / "grad_norms.npy"))
+    with pytest.warns(UserWarning, match="cannot be checked"):
+        _, again, _, _ = run_fit(tmp_path, features_from=str(folder), stop_after_selection=True)
+    assert again.selected.tolist() == tive.selected.tolist()
+    np.save(folder / "grad_norms.npy", np.zeros(POOL - 1, dtype=np.float32))
+    with pytest.raises(ValueError, match="do not match the pool"):
+        run_fit(tmp_path / "bad", features_from=str(folder), stop_after_selection=True)
+
+
+def test_unknown_excluded_task_is_refused_before_warm_up(tmp_path, monkeypatch):
+    monkeypatch.setattr(TIVESelectionCallback, "_warm_up", lambda *a, **k: pytest.fail("warm-up ran"))
+    with pytest.raises(ValueError, match=r"tive.exclude_tasks names unknown task\(s\) \['textcaps'\]"):
+        run_fit(tmp_path, exclude_tasks=["textcaps"])
