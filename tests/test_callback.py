@@ -43,7 +43,7 @@ class Probe(L.Callback):
         self.seen += batch["pool_index"].tolist()
 
 
-def run_fit(tmp_path, finetune="lora", max_epochs=1, ckpt_path=None, logger=False, **tive_kwargs):
+def run_fit(tmp_path, finetune="lora", max_epochs=1, ckpt_path=None, logger=False, demo=DEMO, **tive_kwargs):
     settings = dict(
         ratio=0.25, warmup_ratio=0.3, warmup_epochs=1, warmup_lr=1e-3, projector="kronecker", proj_dim=64,
         reference_lora=ReferenceLora(r=4, alpha=8, dropout=0.0), output_dir=str(tmp_path / "tive"), seed=3,
@@ -53,7 +53,7 @@ def run_fit(tmp_path, finetune="lora", max_epochs=1, ckpt_path=None, logger=Fals
     tive = TIVESelectionCallback(**settings)
     probe = Probe()
     module = LlavaModule(tiny=TinyLlavaConfig(), finetune=finetune)
-    dm = LlavaDataModule(demo=DEMO, batch_size=BATCH, max_length=256, output_dir=str(tmp_path))
+    dm = LlavaDataModule(demo=demo, batch_size=BATCH, max_length=256, output_dir=str(tmp_path))
     trainer = L.Trainer(
         accelerator="cpu", max_epochs=max_epochs, logger=logger, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path,
@@ -270,3 +270,12 @@ def test_unknown_excluded_task_is_refused_before_warm_up(tmp_path, monkeypatch):
     monkeypatch.setattr(TIVESelectionCallback, "_warm_up", lambda *a, **k: pytest.fail("warm-up ran"))
     with pytest.raises(ValueError, match=r"tive.exclude_tasks names unknown task\(s\) \['textcaps'\]"):
         run_fit(tmp_path, exclude_tasks=["textcaps"])
+
+
+def test_stale_features_from_another_model_are_refused_naming_the_setting(lora_run, tmp_path):
+    import shutil
+
+    src = lora_run[0]
+    shutil.copytree(src / "tive" / "features", tmp_path / "tive" / "features")
+    with pytest.raises(ValueError, match=r"extra\.model\.finetune: folder has 'lora', requested 'full'"):
+        run_fit(tmp_path, finetune="full", stop_after_selection=True)

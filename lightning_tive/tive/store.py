@@ -64,6 +64,17 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _flatten(meta: dict, prefix: str = "") -> dict:
+    """Nested settings as dotted keys, so a mismatch names the exact setting."""
+    out = {}
+    for key, value in meta.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 class FeatureStore:
     """Features ``[pool_size, proj_dim]`` and norms ``[pool_size]`` streamed to ``folder`` in chunks."""
 
@@ -124,10 +135,11 @@ class FeatureStore:
         )
 
     def _check_meta(self, found: dict) -> None:
+        have, want = _flatten(found), _flatten(self.meta)
         diffs = [
-            f"{key}: folder has {found.get(key)!r}, requested {value!r}"
-            for key, value in self.meta.items()
-            if found.get(key) != value
+            f"{key}: folder has {have.get(key)!r}, requested {want.get(key)!r}"
+            for key in sorted(set(have) | set(want))
+            if have.get(key) != want.get(key)
         ]
         if diffs:
             raise ValueError(
