@@ -144,6 +144,11 @@ class TIVESelectionCallback(Callback):
             raise ValueError(f"tive.chunk_size must be positive, got {chunk_size}")
         if isinstance(reference_lora, dict):
             reference_lora = ReferenceLora(**reference_lora)
+        # Plain builtins: the CLI's restricted types would otherwise be pickled into checkpoints.
+        ratio, warmup_ratio, warmup_lr, temperature = float(ratio), float(warmup_ratio), float(warmup_lr), float(temperature)
+        warmup_epochs, proj_dim, chunk_size = int(warmup_epochs), int(proj_dim), int(chunk_size)
+        warmup_batch_size = None if warmup_batch_size is None else int(warmup_batch_size)
+        valuation_batch_size = None if valuation_batch_size is None else int(valuation_batch_size)
         self.enabled, self.ratio, self.warmup_ratio = enabled, ratio, warmup_ratio
         self.warmup_epochs, self.warmup_lr, self.warmup_batch_size = warmup_epochs, warmup_lr, warmup_batch_size
         self.reference_lora = reference_lora or ReferenceLora()

@@ -131,6 +131,13 @@ def test_features_from_reproduces_the_selection(lora_run, tmp_path, monkeypatch)
     assert len(half.selected) == round(0.5 * POOL)
 
 
+def test_checkpoint_holds_only_plain_values(lora_run):
+    src = lora_run[0]
+    checkpoint = torch.load(src / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    state = next(v for k, v in checkpoint["callbacks"].items() if "TIVESelectionCallback" in k)
+    assert state["selected"] == lora_run[2].selected.tolist()
+
+
 def test_resumed_fit_reapplies_the_subset_without_new_valuation(lora_run, tmp_path, monkeypatch):
     src, trainer, tive, _, _ = lora_run
     ran = []
@@ -279,3 +286,14 @@ def test_stale_features_from_another_model_are_refused_naming_the_setting(lora_r
     shutil.copytree(src / "tive" / "features", tmp_path / "tive" / "features")
     with pytest.raises(ValueError, match=r"extra\.model\.finetune: folder has 'lora', requested 'full'"):
         run_fit(tmp_path, finetune="full", stop_after_selection=True)
+
+
+def test_cli_typed_settings_become_plain_numbers():
+    """Values parsed by the CLI are instances of jsonargparse's restricted types; checkpoints must not pickle those."""
+    from jsonargparse.typing import PositiveFloat, PositiveInt
+
+    from lightning_tive.callback import Fraction
+
+    tive = TIVESelectionCallback(ratio=Fraction(0.5), proj_dim=PositiveInt(64), temperature=PositiveFloat(2.0))
+    assert type(tive.ratio) is float and type(tive.proj_dim) is int and type(tive.temperature) is float
+    assert all(type(v) in (bool, int, float, str, list, dict, type(None)) for v in tive.settings().values())
