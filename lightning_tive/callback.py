@@ -14,8 +14,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
 from jsonargparse.typing import PositiveFloat, PositiveInt, restricted_number_type
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_tive import report
@@ -342,7 +342,7 @@ class TIVESelectionCallback(Callback):
             global_batches = [order[k : k + global_batch] for k in range(0, len(order), global_batch)]
             local = [b[rank::world] for b in global_batches]
             loader = datamodule.pool_dataloader(batches=local)
-            for batch, whole in zip(loader, global_batches):
+            for batch, whole in zip(loader, global_batches, strict=True):
                 loss_value = torch.zeros((), device=trainer.strategy.root_device)
                 grads = [torch.zeros_like(p) for p in params]
                 if "input_ids" in batch:  # empty when this slice was all skipped records (or G < world)
@@ -357,7 +357,7 @@ class TIVESelectionCallback(Callback):
                     for g in grads:
                         _all_reduce_sum(g)
                     _all_reduce_sum(loss_value)
-                for p, g in zip(params, grads):
+                for p, g in zip(params, grads, strict=True):
                     p.grad = g.to(p.dtype)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -441,7 +441,12 @@ class LlavaModule(L.LightningModule):
             return
         predictions = self.generate_answers(batch)
         for task, kind, prediction, answer, has_prompt in zip(
-            tasks, (self.eval_kinds[t] for t in tasks), predictions, batch["answers"], batch["has_prompt"].tolist()
+            tasks,
+            (self.eval_kinds[t] for t in tasks),
+            predictions,
+            batch["answers"],
+            batch["has_prompt"].tolist(),
+            strict=True,
         ):
             if kind == "loss_only":
                 continue

@@ -124,12 +124,12 @@ class LlavaDataModule(L.LightningDataModule):
             )
         return self.processor
 
-    def _output_dir(self) -> Path:
+    def _output_dir(self) -> Path | None:
         if self.output_dir is not None:
             return Path(self.output_dir)
         if self.trainer is not None:
             return Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        return Path.cwd()
+        return None  # outside a run with no output_dir: skips are reported as warnings only
 
     def _is_global_zero(self) -> bool:
         return self.trainer is None or self.trainer.is_global_zero
@@ -162,8 +162,9 @@ class LlavaDataModule(L.LightningDataModule):
             max_length=self.max_length,
         )
         self.image_transform = ImageTransform(processor.image_processor, self.image_aspect_ratio)
-        skipped_path = self._output_dir() / "skipped.jsonl"
-        if self._is_global_zero() and skipped_path.exists():
+        out = self._output_dir()
+        skipped_path = out / "skipped.jsonl" if out is not None else None
+        if self._is_global_zero() and skipped_path is not None and skipped_path.exists():
             skipped_path.unlink()  # a fresh run re-checks everything and rewrites the list
         self.skip_log = SkipLog(skipped_path if self._is_global_zero() else None)
 
@@ -236,7 +237,7 @@ class LlavaDataModule(L.LightningDataModule):
         problems = []
         for start in range(0, len(positions), LENGTH_CHECK_BATCH):
             chunk = positions[start : start + LENGTH_CHECK_BATCH]
-            for position, result in zip(chunk, self.encoder.encode([records[p] for p in chunk])):
+            for position, result in zip(chunk, self.encoder.encode([records[p] for p in chunk]), strict=True):
                 if isinstance(result, ValueError):
                     problems.append((position, record_id(records[position], position), str(result)))
         return problems

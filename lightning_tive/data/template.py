@@ -197,7 +197,7 @@ def encode_conversations(
         return_attention_mask=False,
     )
     out: list[EncodedExample | EncodingProblem] = []
-    for (_, spans), ids, offsets, image in zip(rendered, enc["input_ids"], enc["offset_mapping"], has_image):
+    for (_, spans), ids, offsets, image in zip(rendered, enc["input_ids"], enc["offset_mapping"], has_image, strict=True):
         try:
             out.append(
                 finish_encoding(

@@ -80,7 +80,7 @@ def test_every_pool_index_valued_exactly_once_in_per_rank_shards(runs):
     assert all(len(s) for s in shards)
     together = np.concatenate(shards)
     assert sorted(together.tolist()) == list(range(spec["pool_size"]))
-    for name, indices in zip(spec["shards"], shards):
+    for name, indices in zip(spec["shards"], shards, strict=True):
         features = np.load(folder / name / "features.npy")
         assert features.shape[0] == len(indices)
 
