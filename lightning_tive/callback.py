@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_tive import report
 from lightning_tive.tive.grads import layer_shapes, per_example_grads
 from lightning_tive.tive.projection import PROJECTOR_KINDS, build_projector
-from lightning_tive.tive.selection import SAMPLING_MODES, select_from_values
+from lightning_tive.tive.selection import SAMPLING_MODES, select_from_values, select_top_scores
 from lightning_tive.tive.store import (
     INDICES,
     SHARDS,
@@ -35,6 +35,9 @@ from lightning_tive.tive.values import instance_values
 from lightning_tive.tive.warmup import balanced_warmup_indices
 
 SUPPORTED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
+# Selection strategies: TIVE, its two ablations, and baselines (see docs/tive.md).
+SELECTION_STRATEGIES = ("tive", "tive_uniform", "instance_only", "random", "gradnorm", "length")
+NEEDS_GRADIENTS = ("tive", "tive_uniform", "instance_only", "gradnorm")
 # Types the CLI checks while parsing, so a bad `tive:` value fails before any model is loaded.
 Fraction = restricted_number_type("Fraction", float, [(">", 0), ("<=", 1)], docstring="a number in (0, 1]")
 STATE_VERSION = 1
@@ -81,6 +84,10 @@ class TIVESelectionCallback(Callback):
 
     Args:
         enabled: run TIVE; off, the fit trains on the whole pool.
+        strategy: `tive`; its ablations `tive_uniform` (task values, uniform inside tasks) and
+            `instance_only` (task shares by size, instance values inside); baselines `random`
+            (proportional to task size), `gradnorm` (largest gradient norms, GraNd-like) and `length`
+            (longest responses). `random` and `length` need no warm-up or valuation.
         ratio: budget as a fraction of the pool, B = round(ratio * |D|), in (0, 1].
         warmup_ratio: size of the task-balanced warm-up set as a fraction of the pool.
         warmup_epochs: epochs of reference-adapter training.
@@ -105,6 +112,7 @@ class TIVESelectionCallback(Callback):
     def __init__(
         self,
         enabled: bool = True,
+        strategy: Literal["tive", "tive_uniform", "instance_only", "random", "gradnorm", "length"] = "tive",
         ratio: Fraction = 0.15,
         warmup_ratio: Fraction = 0.08,
         warmup_epochs: PositiveInt = 1,
@@ -124,6 +132,8 @@ class TIVESelectionCallback(Callback):
         feature_dtype: Literal["float16", "float32"] = "float16",
         chunk_size: PositiveInt = 1024,
     ):
+        if strategy not in SELECTION_STRATEGIES:
+            raise ValueError(f"tive.strategy must be one of {SELECTION_STRATEGIES}, got {strategy!r}")
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"tive.ratio must be in (0, 1], got {ratio}")
         if not 0.0 < warmup_ratio <= 1.0:
@@ -149,6 +159,7 @@ class TIVESelectionCallback(Callback):
         warmup_epochs, proj_dim, chunk_size = int(warmup_epochs), int(proj_dim), int(chunk_size)
         warmup_batch_size = None if warmup_batch_size is None else int(warmup_batch_size)
         valuation_batch_size = None if valuation_batch_size is None else int(valuation_batch_size)
+        self.strategy = strategy
         self.enabled, self.ratio, self.warmup_ratio = enabled, ratio, warmup_ratio
         self.warmup_epochs, self.warmup_lr, self.warmup_batch_size = warmup_epochs, warmup_lr, warmup_batch_size
         self.reference_lora = reference_lora or ReferenceLora()
@@ -166,6 +177,7 @@ class TIVESelectionCallback(Callback):
     def settings(self) -> dict:
         """Every setting, as written to summary.json."""
         return {
+            "strategy": self.strategy,
             "ratio": self.ratio,
             "warmup_ratio": self.warmup_ratio,
             "warmup_epochs": self.warmup_epochs,
@@ -228,27 +240,29 @@ class TIVESelectionCallback(Callback):
             out.mkdir(parents=True, exist_ok=True)
         trainer.strategy.barrier("tive-output-dir")
         timings: dict[str, float] = {}
-        sharded = False
-        if self.features_from is not None:
-            source, indices, norms = self._open_features(Path(self.features_from), datamodule)
-        else:
-            source, indices = self._warm_up_and_value(trainer, pl_module, datamodule, out, timings)
-            norms = source.read_norms()
-            sharded = trainer.world_size > 1
-        clock = time.perf_counter()
         task_ids = np.asarray(datamodule.pool_task_ids)
-        # Each process passes its own rows; pass 1's per-task sums are summed across processes.
-        u, finite = instance_values(
-            source, task_ids[indices], len(datamodule.task_names), np.isfinite(norms),
-            all_reduce=_all_reduce_sum if sharded else None,
-        )
-        norms, u, finite = _gather_by_index(datamodule.pool_size, indices, norms, u, finite, sharded)
+        clock = time.perf_counter()
+        if self.strategy in NEEDS_GRADIENTS:
+            sharded = False
+            if self.features_from is not None:
+                source, indices, norms = self._open_features(Path(self.features_from), datamodule)
+            else:
+                source, indices = self._warm_up_and_value(trainer, pl_module, datamodule, out, timings)
+                norms = source.read_norms()
+                sharded = trainer.world_size > 1
+            clock = time.perf_counter()
+            # Each process passes its own rows; pass 1's per-task sums are summed across processes.
+            u, finite = instance_values(
+                source, task_ids[indices], len(datamodule.task_names), np.isfinite(norms),
+                all_reduce=_all_reduce_sum if sharded else None,
+            )
+            norms, u, finite = _gather_by_index(datamodule.pool_size, indices, norms, u, finite, sharded)
+        else:
+            norms = u = np.full(datamodule.pool_size, np.nan)
+            finite = np.ones(datamodule.pool_size, dtype=bool)
         result = None
         if trainer.is_global_zero:
-            result = select_from_values(
-                norms, u, finite, task_ids, datamodule.task_names, ratio=self.ratio,
-                exclude_tasks=self.exclude_tasks, sampling=self.sampling, temperature=self.temperature, seed=self.seed,
-            )
+            result = self._select(datamodule, task_ids, norms, u, finite)
             timings["selection_s"] = time.perf_counter() - clock
             payload = (result.selected_indices.tolist(), self._summary(datamodule, result, timings))
         else:
@@ -266,6 +280,30 @@ class TIVESelectionCallback(Callback):
             trainer.limit_val_batches = 0
             return
         self._swap(trainer, pl_module, datamodule)
+
+    def _select(self, datamodule: Any, task_ids: np.ndarray, norms: np.ndarray, u: np.ndarray, finite: np.ndarray) -> Any:
+        """The configured strategy's selection from pool-ordered values."""
+        names = datamodule.task_names
+        common = {"ratio": self.ratio, "exclude_tasks": self.exclude_tasks}
+        if self.strategy in ("gradnorm", "length"):
+            scores = norms if self.strategy == "gradnorm" else _response_lengths(datamodule)
+            return select_top_scores(scores, norms, u, finite, task_ids, names, **common)
+        if self.strategy == "random":
+            # Budgets by task size and a uniform draw need no gradients: stand-in values, reported as NaN.
+            ones = np.ones(len(norms))
+            result = select_from_values(
+                ones, ones, finite, task_ids, names, **common, sampling="uniform", seed=self.seed, budget_by="size"
+            )
+            result.grad_norms, result.instance_values = norms, u
+            for row in result.tasks:
+                row.task_value = float("nan")
+            return result
+        return select_from_values(
+            norms, u, finite, task_ids, names, **common,
+            sampling="uniform" if self.strategy == "tive_uniform" else self.sampling,
+            temperature=self.temperature, seed=self.seed,
+            budget_by="size" if self.strategy == "instance_only" else "value",
+        )
 
     def _warm_up_and_value(
         self, trainer: L.Trainer, module: Any, datamodule: Any, out: Path, timings: dict
@@ -555,6 +593,17 @@ class TIVESelectionCallback(Callback):
         if state_dict.get("selected") is not None:
             self.selected = np.asarray(state_dict["selected"], dtype=np.int64)
         self.summary = state_dict.get("summary", {})
+
+
+def _response_lengths(datamodule: Any) -> np.ndarray:
+    """Words in each pool example's assistant turns (the `length` baseline's score)."""
+    return np.array(
+        [
+            sum(len(t["value"].split()) for t in datamodule.pool_record(i)["conversations"] if t["from"] == "gpt")
+            for i in range(datamodule.pool_size)
+        ],
+        dtype=np.float64,
+    )
 
 
 def _all_reduce_sum(tensor: torch.Tensor) -> None:

@@ -37,10 +37,12 @@ __all__ = [
     "sample_within_tasks",
     "select",
     "select_from_values",
+    "select_top_scores",
     "total_budget",
 ]
 
 SAMPLING_MODES = ("softmax", "topk", "uniform")
+BUDGET_MODES = ("value", "size")
 
 
 @dataclass
@@ -237,8 +239,15 @@ def select_from_values(
     sampling: str = "softmax",
     temperature: float = 1.0,
     seed: int = 0,
+    budget_by: str = "value",
 ) -> SelectionResult:
-    """Budgets and sampling from already computed instance values (e.g. gathered from many processes)."""
+    """Budgets and sampling from already computed instance values (e.g. gathered from many processes).
+
+    ``budget_by="value"`` splits B by task value (TIVE); ``"size"`` by the tasks' finite sizes (the
+    proportional split of a random subset), for baselines and ablations.
+    """
+    if budget_by not in BUDGET_MODES:
+        raise ValueError(f"budget_by must be one of {BUDGET_MODES}, got {budget_by!r}")
     names = _check_names(task_names)
     norm_arr = np.asarray(norms, dtype=np.float64).reshape(-1)
     u = np.asarray(instance_vals, dtype=np.float64).reshape(-1)
@@ -253,28 +262,90 @@ def select_from_values(
     stats: TaskStats = task_values(norm_arr, tid, len(names), finite)
     timings = {"values_s": time.perf_counter() - clock}
     clock = time.perf_counter()
-    budgets = allocate_budgets(budget, stats.values, names, exclude_tasks, stats.finite_counts)
+    shares = stats.values if budget_by == "value" else stats.finite_counts.astype(np.float64)
+    budgets = allocate_budgets(budget, shares, names, exclude_tasks, stats.finite_counts)
     timings["budget_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
     times = sample_within_tasks(u, tid, budgets, finite, sampling, temperature, seed)
     timings["sampling_s"] = time.perf_counter() - clock
+    return _result(names, stats, shares, exclude_tasks, budget, budgets, times, u, finite, norm_arr, tid, {
+        "ratio": float(ratio),
+        "exclude_tasks": list(exclude_tasks),
+        "sampling": sampling,
+        "temperature": float(temperature),
+        "seed": int(seed),
+        "budget_by": budget_by,
+    }, timings)
 
+
+def select_top_scores(
+    scores: Any,
+    norms: Any,
+    instance_vals: Any,
+    finite: Any,
+    task_ids: Any,
+    task_names: Sequence[str],
+    ratio: float = 0.15,
+    exclude_tasks: Sequence[str] = (),
+) -> SelectionResult:
+    """The B examples with the highest scores over the whole pool (ties: lower pool index first).
+
+    For single-score baselines: longest responses, largest gradient norms (GraNd-like), and so on.
+    """
+    names = _check_names(task_names)
+    score = np.asarray(scores, dtype=np.float64).reshape(-1)
+    norm_arr = np.asarray(norms, dtype=np.float64).reshape(-1)
+    u = np.asarray(instance_vals, dtype=np.float64).reshape(-1)
+    tid = np.asarray(task_ids).astype(np.int64).reshape(-1)
+    ok = np.asarray(finite, dtype=bool).reshape(-1) & np.isfinite(score)
+    _check_request(names, ratio, exclude_tasks, "topk", 1.0)
+    if exclude_tasks:
+        ok &= ~np.isin(tid, [names.index(t) for t in exclude_tasks])
+    budget = total_budget(len(score), ratio)
+    clock = time.perf_counter()
+    order = np.lexsort((np.arange(len(score)), -np.where(ok, score, -np.inf)))
+    times = np.zeros(len(score), dtype=np.int64)
+    times[order[: min(budget, int(ok.sum()))]] = 1
+    stats = task_values(norm_arr, tid, len(names), ok)
+    budgets = np.bincount(tid, weights=times, minlength=len(names)).astype(np.int64)
+    timings = {"values_s": 0.0, "budget_s": 0.0, "sampling_s": time.perf_counter() - clock}
+    shares = budgets.astype(np.float64)
+    return _result(names, stats, shares, exclude_tasks, budget, budgets, times, u, ok, norm_arr, tid, {
+        "ratio": float(ratio), "exclude_tasks": list(exclude_tasks), "sampling": "top_score",
+    }, timings)
+
+
+def _result(
+    names: list[str],
+    stats: TaskStats,
+    shares: np.ndarray,
+    exclude_tasks: Sequence[str],
+    budget: int,
+    budgets: np.ndarray,
+    times: np.ndarray,
+    u: np.ndarray,
+    finite: np.ndarray,
+    norm_arr: np.ndarray,
+    tid: np.ndarray,
+    settings: dict,
+    timings: dict,
+) -> SelectionResult:
     excluded = set(exclude_tasks)
     usable = np.array(
         [
             names[i] not in excluded and np.isfinite(v) and v > 0 and c > 0
-            for i, (v, c) in enumerate(zip(stats.values, stats.finite_counts, strict=True))
+            for i, (v, c) in enumerate(zip(shares, stats.finite_counts, strict=True))
         ],
         dtype=bool,
     )
-    total_value = float(np.sum(np.where(usable, stats.values, 0.0)))
+    total_value = float(np.sum(np.where(usable, shares, 0.0)))
     selected_per_task = np.bincount(tid, weights=times, minlength=len(names)).astype(np.int64)
     rows = [
         TaskRow(
             task=names[i],
             size=int(stats.sizes[i]),
             task_value=float(stats.values[i]),
-            proportion=float(stats.values[i] / total_value) if usable[i] and total_value > 0 else 0.0,
+            proportion=float(shares[i] / total_value) if usable[i] and total_value > 0 else 0.0,
             budget=int(budgets[i]),
             selected=int(selected_per_task[i]),
         )
@@ -285,16 +356,10 @@ def select_from_values(
         budget=budget,
         instance_values=np.where(finite, u, np.nan),
         times_selected=times,
-        selected_indices=np.repeat(np.arange(n_rows, dtype=np.int64), times),
+        selected_indices=np.repeat(np.arange(len(times), dtype=np.int64), times),
         finite=finite,
         grad_norms=norm_arr,
-        settings={
-            "ratio": float(ratio),
-            "exclude_tasks": list(exclude_tasks),
-            "sampling": sampling,
-            "temperature": float(temperature),
-            "seed": int(seed),
-        },
+        settings=settings,
         timings=timings,
     )
 
