@@ -6,10 +6,10 @@ import csv
 
 import numpy as np
 import pytest
+from test_callback import POOL, run_fit
 
 from lightning_tive.callback import TIVESelectionCallback
 from lightning_tive.tive.selection import allocate_budgets, select_from_values, select_top_scores
-from test_callback import POOL, run_fit
 
 
 def rows(tmp):
