@@ -231,3 +231,11 @@ def test_generation_on_a_text_only_batch(tiny_module, demo_dm):
     assert batch["pixel_values"] is None
     answers = tiny_module.generate_answers(batch, max_new_tokens=3)
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+
+
+def test_checkpoint_from_another_configuration_is_refused(tiny_module):
+    checkpoint = {"lightning_tive_trainable": [n for n, _ in tiny_module.trainable_parameters()] + ["model.extra.weight"]}
+    with pytest.raises(ValueError, match="trains 1 parameters this model does not have"):
+        tiny_module.on_load_checkpoint(checkpoint)
+    checkpoint["lightning_tive_trainable"].pop()
+    tiny_module.on_load_checkpoint(checkpoint)  # the same trainable set loads
