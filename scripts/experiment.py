@@ -39,6 +39,7 @@ SWEEP = {
     "tive topk": {"sampling": "topk"},
     "tive rademacher": {"projector": "rademacher"},
 }
+READING_MARK = "<!-- reading: kept across reruns -->"
 CHANCE = {"color": 1 / 8, "shape": 1 / 5, "count": 1 / 5, "spatial": 1 / 2, "choice": 1 / 4}
 
 
@@ -206,7 +207,12 @@ def write_results(summary: dict, sweep: dict, args: argparse.Namespace, out_dir:
         lines += ["", "## Sweep on the first seed (TIVE settings)", "", "| setting | relative to full (%) | avg score |", "|---|---|---|"]
         for name, entry in sweep.items():
             lines.append(f"| {name} | {entry['relative']:.1f} | {entry['avg']:.3f} |")
-    (out_dir / "results.md").write_text("\n".join(lines) + "\n")
+    reading = ""
+    previous = out_dir / "results.md"
+    if previous.exists() and READING_MARK in previous.read_text():
+        # The written interpretation is kept across reruns; only the measured tables are regenerated.
+        reading = previous.read_text().split(READING_MARK, 1)[1]
+    previous.write_text("\n".join(lines) + "\n\n" + READING_MARK + (reading or "\n## Reading\n\n(to be written)\n"))
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), constrained_layout=True)
     rel_mean = [summary[a]["relative"][0] for a in arms]
