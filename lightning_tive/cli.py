@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
@@ -59,7 +60,10 @@ def export_checkpoint(ckpt_path: str, output_dir: str, merge_from_full_precision
         if hparams.get("finetune") == "qlora":
             # LoRA weights have the same names on a 4-bit and a full-precision base; merge into the latter.
             overrides["finetune"] = "lora"
-    module = LlavaModule.load_from_checkpoint(ckpt_path, map_location="cpu", **overrides)
+    with warnings.catch_warnings():
+        # Checkpoints hold trainable weights only; the frozen rest is rebuilt from its source by design.
+        warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
+        module = LlavaModule.load_from_checkpoint(ckpt_path, map_location="cpu", **overrides)
     return module.export(output_dir)
 
 
