@@ -198,3 +198,17 @@ def test_expand_to_square_pads_with_background_centred():
     assert square.size == (40, 40)
     assert square.getpixel((0, 0)) == (1, 2, 3) and square.getpixel((20, 20)) == (255, 0, 0)
     assert square.getpixel((20, 9)) == (1, 2, 3) and square.getpixel((20, 10)) == (255, 0, 0)
+
+
+def test_image_mark_after_the_question_is_expanded_where_it_stands(tokenizer):
+    # Some LLaVA-Instruct records put the image after the question.
+    conv = [{"from": "human", "value": "What is in the picture?\n<image>"}, {"from": "gpt", "value": "a red circle"}]
+    enc = encode(tokenizer, conv, has_image=True)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    where = np.nonzero(enc.input_ids == image_id)[0]
+    assert len(where) == N_IMG and (np.diff(where) == 1).all()
+    assert tokenizer.decode(enc.input_ids[: where[0]].tolist()).endswith("USER: What is in the picture?\n")
+    assert tokenizer.decode(enc.input_ids[where[-1] + 1 : enc.answer_start].tolist()) == " ASSISTANT:"
+    (run,) = supervised_runs(enc.labels)
+    assert tokenizer.decode(run).strip() == "a red circle</s>"
+    assert enc.answer_start > where[-1]
