@@ -484,11 +484,13 @@ class LlavaModule(L.LightningModule):
             return
         losses, accuracies, scores = [], [], []
         for task, kind in self.eval_kinds.items():
+            if not self.val_metrics[_key(task, "loss")].update_called:
+                continue  # this task had no batch (e.g. limit_val_batches)
             loss = self.val_metrics[_key(task, "loss")].compute()
             if not torch.isnan(loss):
                 losses.append(loss)
                 self.log(f"{prefix}/{task}/loss", loss, sync_dist=False)
-            if kind != "loss_only":
+            if kind != "loss_only" and self.val_metrics[_key(task, kind)].update_called:
                 value = self.val_metrics[_key(task, kind)].compute()
                 if not torch.isnan(value):
                     name = "accuracy" if kind == "exact_match" else "token_f1"
