@@ -381,9 +381,7 @@ class TIVESelectionCallback(Callback):
             local = [b[rank::world] for b in global_batches]
             loader = datamodule.pool_dataloader(batches=local)
             for batch, whole in zip(loader, global_batches, strict=True):
-                loss_value = torch.zeros((), device=trainer.strategy.root_device)
-                grads = [torch.zeros_like(p) for p in params]
-                if "input_ids" in batch:  # empty when this slice was all skipped records (or G < world)
+                if "input_ids" in batch:
                     batch = trainer.strategy.batch_to_device(batch)
                     with trainer.precision_plugin.forward_context():
                         # Sum over this slice / size of the whole batch: summed over processes, the
@@ -391,6 +389,9 @@ class TIVESelectionCallback(Callback):
                         loss = module.per_example_loss(batch).sum() / len(whole)
                     grads = list(torch.autograd.grad(loss, params))
                     loss_value = loss.detach().float()
+                else:  # this slice was all skipped records (or G < world): it still joins the all-reduce
+                    grads = [torch.zeros_like(p) for p in params]
+                    loss_value = torch.zeros((), device=trainer.strategy.root_device)
                 if world > 1:
                     for g in grads:
                         _all_reduce_sum(g)

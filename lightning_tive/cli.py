@@ -56,7 +56,8 @@ def export_checkpoint(ckpt_path: str, output_dir: str, merge_from_full_precision
     if merge_from_full_precision:
         import torch
 
-        hparams = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+        # mmap: read the hyper-parameters without pulling every weight into memory a second time.
+        hparams = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True).get("hyper_parameters", {})
         if hparams.get("finetune") == "qlora":
             # LoRA weights have the same names on a 4-bit and a full-precision base; merge into the latter.
             overrides["finetune"] = "lora"

@@ -118,6 +118,8 @@ def test_killed_fine_tuning_resumes_from_last_checkpoint_without_new_selection(t
     tive_state = next(v for k, v in final["callbacks"].items() if "TIVESelectionCallback" in k)
     ids = [r["id"] for r in json.loads((tmp_path / "tive" / "subset.json").read_text())]
     assert len(tive_state["selected"]) == len(ids) == len(selected)
+    id_of = {int(v["index"]): v["id"] for v in csv.DictReader(open(tmp_path / "tive" / "values.csv"))}
+    assert [id_of[i] for i in tive_state["selected"]] == selected  # the resumed fit kept the same multiset
 
 
 def write_pool_with_bad_records(root: Path) -> tuple[Path, list[str]]:
