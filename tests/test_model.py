@@ -220,17 +220,31 @@ def test_fit_checkpoint_export_round_trip_generates_the_same_tokens(tmp_path, de
     assert got == expected
 
 
-def test_generation_on_a_text_only_batch(tiny_module, demo_dm):
+def test_generation_on_a_text_only_batch_is_greedy_decoding_of_each_prompt(tiny_module, demo_dm):
+    from lightning_tive.data.dataset import LlavaCollator
+
     demo_dm.attach_processor(tiny_module.processor)
     text_task = demo_dm.task_names.index("text")
     indices = [i for i in range(demo_dm.pool_size) if demo_dm.pool_task_ids[i] == text_task][:3]
-    dataset = demo_dm._dataset
-    from lightning_tive.data.dataset import LlavaCollator
-
-    batch = LlavaCollator(tiny_module.processor.tokenizer.pad_token_id, generation=True)([dataset[i] for i in indices])
-    assert batch["pixel_values"] is None
+    dataset = demo_dm._dataset_for(demo_dm.pool, with_prompts=True)
+    items = [dataset[i] for i in indices]
+    batch = LlavaCollator(tiny_module.processor.tokenizer.pad_token_id, generation=True)(items)
+    assert batch["pixel_values"] is None and batch["has_prompt"].all()
+    tiny_module.eval()
     answers = tiny_module.generate_answers(batch, max_new_tokens=3)
-    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+    tokenizer = tiny_module.processor.tokenizer
+    for item, answer in zip(items, answers, strict=True):
+        ids = item["prompt_ids"][None]  # one prompt, unpadded: argmax step by step
+        for _ in range(3):
+            with torch.no_grad():
+                logits = tiny_module.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            if ids[0, -1].item() == tokenizer.eos_token_id:
+                break
+        new = ids[0, item["prompt_ids"].shape[0] :].tolist()
+        assert answer == tokenizer.decode(new, skip_special_tokens=True).strip()
+    with pytest.raises(ValueError, match="with_prompts=True"):
+        LlavaCollator(tokenizer.pad_token_id, generation=True)([demo_dm._dataset[i] for i in indices])
 
 
 def test_checkpoint_from_another_configuration_is_refused(tiny_module):

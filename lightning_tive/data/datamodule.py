@@ -183,7 +183,7 @@ class LlavaDataModule(L.LightningDataModule):
         if self.train_indices is None:
             self.train_indices = np.arange(len(self.pool), dtype=np.int64)
         self._dataset = self._dataset_for(self.pool)
-        self._val_dataset = self._dataset_for(self.val_pool) if self.val_pool is not None else None
+        self._val_dataset = self._dataset_for(self.val_pool, with_prompts=True) if self.val_pool is not None else None
         counts = Counter(self.pool.task_of(i) for i in range(len(self.pool)))
         rank_zero_info(
             f"[lightning_tive] pool: {len(self.pool)} examples in {len(counts)} tasks {dict(sorted(counts.items()))}; "
@@ -192,7 +192,7 @@ class LlavaDataModule(L.LightningDataModule):
         if counts.get("unknown"):
             rank_zero_info(f"[lightning_tive] {counts['unknown']} pool examples matched no task rule: task 'unknown'")
 
-    def _dataset_for(self, pool: Pool) -> LlavaDataset:
+    def _dataset_for(self, pool: Pool, with_prompts: bool = False) -> LlavaDataset:
         return LlavaDataset(
             pool=pool,
             encoder=self.encoder,
@@ -200,6 +200,7 @@ class LlavaDataModule(L.LightningDataModule):
             image_folder=self.image_folder,
             on_bad_record=self.on_bad_record,
             skip_log=self.skip_log,
+            with_prompts=with_prompts,
         )
 
     def _build_pool(self, path: str, stage: str) -> Pool:

@@ -54,7 +54,7 @@ class Encoder:
     num_image_tokens: int
     max_length: int
 
-    def encode(self, records: Sequence[dict]) -> list[EncodedExample | ValueError]:
+    def encode(self, records: Sequence[dict], with_prompts: bool = False) -> list[EncodedExample | ValueError]:
         """Batched encoding; a record that cannot be encoded yields its problem instead."""
         return encode_conversations(
             self.tokenizer,
@@ -64,6 +64,7 @@ class Encoder:
             image_token_id=self.image_token_id,
             num_image_tokens=self.num_image_tokens,
             max_length=self.max_length,
+            with_prompts=with_prompts,
         )
 
 
@@ -77,6 +78,7 @@ class LlavaDataset(Dataset):
     image_folder: str | None
     on_bad_record: BadRecordPolicy = "raise"
     skip_log: SkipLog = field(default_factory=lambda: SkipLog(None))
+    with_prompts: bool = False  # add each example's generation prompt (held-out metrics)
 
     def __len__(self) -> int:
         return len(self.pool)
@@ -95,7 +97,7 @@ class LlavaDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         record = self.pool.records[index]
-        encoded = self.encoder.encode([record])[0]
+        encoded = self.encoder.encode([record], with_prompts=self.with_prompts)[0]
         if isinstance(encoded, ValueError):
             return self._bad(index, str(encoded))
         pixel_values = None
@@ -105,15 +107,17 @@ class LlavaDataset(Dataset):
             except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three for broken files
                 return self._bad(index, f"image {record['image']!r} is missing or unreadable ({err})")
         last_answer = record["conversations"][-1]["value"]
-        return {
+        item = {
             "input_ids": torch.from_numpy(encoded.input_ids),
             "labels": torch.from_numpy(encoded.labels),
             "pixel_values": pixel_values,
             "pool_index": index,
             "task_id": int(self.pool.task_ids[index]),
-            "answer_start": encoded.answer_start,
             "answer": last_answer,
         }
+        if self.with_prompts:
+            item["prompt_ids"] = None if encoded.prompt_ids is None else torch.from_numpy(encoded.prompt_ids)
+        return item
 
 
 class IndexView(Dataset):
@@ -145,8 +149,8 @@ def _pad(seqs: list[torch.Tensor], value: int, left: bool) -> torch.Tensor:
 class LlavaCollator:
     """Pads a list of examples into a batch; skipped items are dropped (they are already logged).
 
-    With `generation=True` it adds left-padded prompts (everything before the last answer) and the
-    reference answers, for greedy-generation metrics.
+    With `generation=True` it adds the left-padded generation prompts of the last answers (tokenized
+    on their own, see `encode_conversations`) and the reference answers, for greedy-generation metrics.
     """
 
     pad_token_id: int
@@ -170,12 +174,13 @@ class LlavaCollator:
         pixels = [item["pixel_values"] for item in kept if item["pixel_values"] is not None]
         batch["pixel_values"] = torch.stack(pixels) if pixels else None
         if self.generation:
-            prompts = [
-                item["input_ids"][: item["answer_start"]] if item["answer_start"] is not None else item["input_ids"]
-                for item in kept
-            ]
-            batch["prompt_ids"] = _pad(prompts, self.pad_token_id, left=True)
-            batch["prompt_attention_mask"] = _pad([torch.ones_like(p) for p in prompts], 0, left=True)
-            batch["has_prompt"] = torch.tensor([item["answer_start"] is not None for item in kept])
+            if any("prompt_ids" not in item for item in kept):
+                raise ValueError("generation batches need a dataset built with with_prompts=True")
+            # An example without a prompt (over max_length) gets a placeholder and scores 0.
+            prompts = [item["prompt_ids"] for item in kept]
+            filled = [p if p is not None else item["input_ids"][:1] for p, item in zip(prompts, kept, strict=True)]
+            batch["prompt_ids"] = _pad(filled, self.pad_token_id, left=True)
+            batch["prompt_attention_mask"] = _pad([torch.ones_like(p) for p in filled], 0, left=True)
+            batch["has_prompt"] = torch.tensor([p is not None for p in prompts])
             batch["answers"] = [item["answer"] for item in kept]
         return batch

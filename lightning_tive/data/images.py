@@ -46,7 +46,8 @@ class ImageTransform:
         if self.aspect_ratio not in ("pad", "resize", "crop"):
             raise ValueError(f"image_aspect_ratio must be 'pad', 'resize' or 'crop', got {self.aspect_ratio!r}")
         mean = self.image_processor.image_mean
-        self.background = tuple(int(round(255 * m)) for m in mean)
+        # LLaVA's `tuple(int(x * 255) for x in image_mean)`: truncated, (122, 116, 104) for CLIP.
+        self.background = tuple(int(255 * m) for m in mean)
         self.size = processor_input_size(self.image_processor)
 
     def load(self, path: str | os.PathLike) -> Image.Image:

@@ -84,6 +84,10 @@ def structure_problem(record: Any) -> str | None:
             return f"roles do not alternate human/gpt at turn {turn_no}"
     if convs[-1]["from"] != "gpt":
         return "conversation ends without an answer from gpt"
+    for turn_no, turn in enumerate(convs):
+        # LLaVA renders an empty message as a bare role tag, which its own masking then rejects.
+        if turn["from"] == "gpt" and not turn["value"].strip():
+            return f"empty answer from gpt at turn {turn_no}"
     image = record.get("image")
     if image is not None and not isinstance(image, str):
         return "malformed structure: `image` must be a single path string"

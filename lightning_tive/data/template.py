@@ -9,14 +9,31 @@ from typing import Any, Protocol
 import numpy as np
 
 IGNORE_INDEX = -100
+IMAGE_MARK = "<image>"
+# LLaVA's `conv_vicuna_v1`, the `--version v1` that LLaVA-1.5 trains with (not `conv_llava_v1`).
 VICUNA_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 
 
+def place_image_first(conversations: Sequence[dict]) -> list[dict]:
+    """LLaVA's `preprocess_multimodal`: a turn holding `<image>` becomes `<image>\n` + its stripped text."""
+    out = []
+    for turn in conversations:
+        value = turn["value"]
+        if IMAGE_MARK in value:
+            value = (IMAGE_MARK + "\n" + value.replace(IMAGE_MARK, "").strip()).strip()
+        out.append({**turn, "value": value})
+    return out
+
+
 class ConversationTemplate(Protocol):
-    """Renders a conversation to text and says which characters are supervised."""
+    """Renders a conversation to text and says which characters are supervised.
+
+    Each span starts right after the assistant tag, so `text[:spans[-1][0]]` is the generation
+    prompt of the last answer exactly as inference renders it, whatever the answer.
+    """
 
     add_special_tokens: bool
 
@@ -29,7 +46,9 @@ class ConversationTemplate(Protocol):
 class VicunaV1Template:
     """LLaVA-1.5's `v1` template: `<system> USER: {q} ASSISTANT: {a}</s>USER: ...`.
 
-    Each answer and the `</s>` that closes it are supervised, as in LLaVA's `preprocess_v1`.
+    Rendered as LLaVA's `Conversation.get_prompt` (separator style TWO) renders it. Each answer
+    with its leading space and the `</s>` that closes it is supervised, as in LLaVA's `preprocess_v1`;
+    the generation prompt ends in `ASSISTANT:`, as at inference.
     """
 
     system: str = VICUNA_SYSTEM
@@ -39,20 +58,18 @@ class VicunaV1Template:
     add_special_tokens: bool = True  # the tokenizer adds <s>, which is never supervised
 
     def render(self, conversations: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
-        """Render and return the supervised spans (answer text plus its `</s>`)."""
+        """Render and return the supervised spans (` answer</s>`, from right after `ASSISTANT:`)."""
         parts = [self.system, " "]
         length = len(self.system) + 1
         spans: list[tuple[int, int]] = []
-        for turn in conversations:
+        for turn in place_image_first(conversations):
             if turn["from"] == "human":
-                piece = f"{self.user}: {turn['value']} {self.assistant}: "
-                parts.append(piece)
-                length += len(piece)
+                piece = f"{self.user}: {turn['value']} {self.assistant}:"
             else:
-                piece = turn["value"] + self.end_of_turn
+                piece = f" {turn['value']}{self.end_of_turn}"
                 spans.append((length, length + len(piece)))
-                parts.append(piece)
-                length += len(piece)
+            parts.append(piece)
+            length += len(piece)
         return "".join(parts), spans
 
 
@@ -67,7 +84,7 @@ class TokenizerChatTemplate:
         """Render incrementally, so each assistant span is what its message appended."""
         messages = [
             {"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
-            for t in conversations
+            for t in place_image_first(conversations)
         ]
         spans: list[tuple[int, int]] = []
         for i, message in enumerate(messages):
@@ -102,7 +119,9 @@ class EncodedExample:
 
     input_ids: np.ndarray  # int64 [T], image tokens expanded
     labels: np.ndarray  # int64 [T], IGNORE_INDEX where unsupervised
-    answer_start: int | None  # first token of the last answer (generation prompt ends here), if kept
+    # The last answer's generation prompt, tokenized on its own (image tokens expanded); None when
+    # not asked for or longer than max_length.
+    prompt_ids: np.ndarray | None = None
 
 
 class EncodingProblem(ValueError):
@@ -121,13 +140,14 @@ def supervised_mask(offsets: np.ndarray, spans: Sequence[tuple[int, int]]) -> np
     return valid & (ends[np.clip(span_idx, 0, None)] > tok_start)
 
 
-def answer_starts(offsets: np.ndarray, spans: Sequence[tuple[int, int]]) -> int | None:
-    """Index of the first token overlapping the last supervised span."""
-    if not spans:
-        return None
-    start, end = spans[-1]
-    hits = np.nonzero((offsets[:, 1] > start) & (offsets[:, 0] < end) & (offsets[:, 1] > offsets[:, 0]))[0]
-    return int(hits[0]) if len(hits) else None
+def expand_image_token(ids: np.ndarray, image_token_id: int, num_image_tokens: int) -> tuple[np.ndarray, int | None]:
+    """Replace the one image token by `num_image_tokens` copies; returns the ids and its position."""
+    where = np.nonzero(ids == image_token_id)[0]
+    if len(where) == 0:
+        return ids, None
+    pos = int(where[0])
+    block = np.full(num_image_tokens, image_token_id, dtype=np.int64)
+    return np.concatenate([ids[:pos], block, ids[pos + 1 :]]), pos
 
 
 def finish_encoding(
@@ -139,6 +159,7 @@ def finish_encoding(
     image_token_id: int,
     num_image_tokens: int,
     max_length: int,
+    prompt_ids: Sequence[int] | None = None,
 ) -> EncodedExample:
     """Mask labels, expand the one image token to `num_image_tokens`, and truncate safely.
 
@@ -148,22 +169,14 @@ def finish_encoding(
     offs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
     mask = supervised_mask(offs, spans)
     labels = np.where(mask, ids_arr, IGNORE_INDEX)
-    ans = answer_starts(offs, spans)
     if not mask.any():
         raise EncodingProblem("no supervised (assistant) token after tokenization")
-    image_positions = np.nonzero(ids_arr == image_token_id)[0]
-    if len(image_positions) != (1 if has_image else 0):
-        raise EncodingProblem(
-            f"expected {1 if has_image else 0} image token(s) after tokenization, found {len(image_positions)}"
-        )
-    if has_image:
-        pos = int(image_positions[0])
-        block = np.full(num_image_tokens, image_token_id, dtype=np.int64)
-        ignore = np.full(num_image_tokens, IGNORE_INDEX, dtype=np.int64)
-        ids_arr = np.concatenate([ids_arr[:pos], block, ids_arr[pos + 1 :]])
-        labels = np.concatenate([labels[:pos], ignore, labels[pos + 1 :]])
-        if ans is not None and ans > pos:
-            ans += num_image_tokens - 1
+    found = int((ids_arr == image_token_id).sum())
+    if found != (1 if has_image else 0):
+        raise EncodingProblem(f"expected {1 if has_image else 0} image token(s) after tokenization, found {found}")
+    ids_arr, pos = expand_image_token(ids_arr, image_token_id, num_image_tokens)
+    if pos is not None:
+        labels = np.concatenate([labels[:pos], np.full(num_image_tokens, IGNORE_INDEX, dtype=np.int64), labels[pos + 1 :]])
         if pos + num_image_tokens > max_length:
             raise EncodingProblem(
                 f"image tokens end at {pos + num_image_tokens} > max_length={max_length}; "
@@ -173,9 +186,12 @@ def finish_encoding(
         ids_arr, labels = ids_arr[:max_length], labels[:max_length]
         if not (labels != IGNORE_INDEX).any():
             raise EncodingProblem(f"no supervised token left within max_length={max_length}")
-        if ans is not None and ans >= max_length:
-            ans = None
-    return EncodedExample(ids_arr, labels, ans)
+    prompt = None
+    if prompt_ids is not None:
+        prompt, _ = expand_image_token(np.asarray(prompt_ids, dtype=np.int64), image_token_id, num_image_tokens)
+        if len(prompt) > max_length:
+            prompt = None
+    return EncodedExample(ids_arr, labels, prompt)
 
 
 def encode_conversations(
@@ -187,8 +203,13 @@ def encode_conversations(
     image_token_id: int,
     num_image_tokens: int,
     max_length: int,
+    with_prompts: bool = False,
 ) -> list[EncodedExample | EncodingProblem]:
-    """Encode many conversations with one batched tokenizer call; problems are returned, not raised."""
+    """Encode many conversations with one batched tokenizer call; problems are returned, not raised.
+
+    With `with_prompts`, each example also gets its last answer's generation prompt, tokenized on
+    its own as inference tokenizes it, so it never depends on the answer.
+    """
     rendered = [template.render(conv) for conv in batch]
     enc = tokenizer(
         [text for text, _ in rendered],
@@ -196,8 +217,20 @@ def encode_conversations(
         return_offsets_mapping=True,
         return_attention_mask=False,
     )
+    prompts: list[Any] = [None] * len(rendered)
+    if with_prompts:
+        texts = [text[: spans[-1][0]] if spans else None for text, spans in rendered]
+        wanted = [k for k, t in enumerate(texts) if t is not None]
+        if wanted:
+            ids = tokenizer(
+                [texts[k] for k in wanted], add_special_tokens=template.add_special_tokens, return_attention_mask=False
+            )["input_ids"]
+            for k, prompt in zip(wanted, ids, strict=True):
+                prompts[k] = prompt
     out: list[EncodedExample | EncodingProblem] = []
-    for (_, spans), ids, offsets, image in zip(rendered, enc["input_ids"], enc["offset_mapping"], has_image, strict=True):
+    for (_, spans), ids, offsets, image, prompt in zip(
+        rendered, enc["input_ids"], enc["offset_mapping"], has_image, prompts, strict=True
+    ):
         try:
             out.append(
                 finish_encoding(
@@ -208,6 +241,7 @@ def encode_conversations(
                     image_token_id=image_token_id,
                     num_image_tokens=num_image_tokens,
                     max_length=max_length,
+                    prompt_ids=prompt,
                 )
             )
         except EncodingProblem as problem:

@@ -18,15 +18,16 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 # Bump when the corpus or settings change: it names the cache folder.
-TOKENIZER_VERSION = 1
+TOKENIZER_VERSION = 2
 VOCAB_SIZE = 1024
 
 BOS, EOS, UNK, PAD, IMAGE = "<s>", "</s>", "<unk>", "<pad>", "<image>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD, IMAGE)  # ids 0..4 in this order
 
+# LLaVA-1.5's conv_vicuna_v1 system prompt (a frozen copy, like the words below).
 VICUNA_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 
 # A frozen copy of the demo's words, not an import: a tokenizer must not change under a cache
