@@ -113,6 +113,7 @@ class LlavaModule(L.LightningModule):
         finetune: `full`, `lora` or `qlora` (4-bit NF4 base via bitsandbytes).
         lora: LoRA settings for `lora`/`qlora`.
         freeze_vision_tower: keep CLIP frozen (LLaVA-1.5 does).
+        freeze_language_model: with `full`, keep the LM (and `lm_head`) frozen, as LLaVA's stage 1 does.
         train_projector: train the multi-modal projector.
         projector_lr: a separate learning rate for the projector (None: the optimizer's).
         gradient_checkpointing: non-reentrant, so `torch.autograd.grad` still works.
@@ -121,6 +122,8 @@ class LlavaModule(L.LightningModule):
         lr_scheduler: `(optimizer, total_steps) -> scheduler`, stepped per optimizer step; None for constant.
         val_max_new_tokens: greedy generation length for validation metrics.
         init_seed: seed for the tiny model's random weights (so a rebuild gives the same weights).
+        init_from: a checkpoint written by `fit` (e.g. a stage-1 run) whose weights replace the built
+            ones before fine-tuning starts; it must come from the same build source (checked).
     """
 
     def __init__(
@@ -134,6 +137,7 @@ class LlavaModule(L.LightningModule):
         finetune: FinetuneMode = "lora",
         lora: LoraSettings | None = None,
         freeze_vision_tower: bool = True,
+        freeze_language_model: bool = False,
         train_projector: bool = True,
         projector_lr: float | None = None,
         gradient_checkpointing: bool = False,
@@ -142,6 +146,7 @@ class LlavaModule(L.LightningModule):
         lr_scheduler: SchedulerCallable | None = WarmupCosineLR,
         val_max_new_tokens: int = 16,
         init_seed: int = 0,
+        init_from: str | None = None,
     ):
         super().__init__()
         sources = [pretrained is not None, language_model is not None or vision_tower is not None, tiny is not None]
@@ -173,6 +178,7 @@ class LlavaModule(L.LightningModule):
         }
         self.torch_dtype = torch_dtype
         self.init_seed = init_seed
+        self.init_from = init_from
         self.finetune = finetune
         self.lora_settings = lora or LoraSettings()
         self.optimizer_factory = optimizer
@@ -184,7 +190,7 @@ class LlavaModule(L.LightningModule):
 
         self.processor = self._build_processor()
         self.model = self._build_model()
-        self._apply_finetune_mode(freeze_vision_tower, train_projector, gradient_checkpointing)
+        self._apply_finetune_mode(freeze_vision_tower, freeze_language_model, train_projector, gradient_checkpointing)
         self.val_metrics: torch.nn.ModuleDict | None = None
         self._requires_grad_before_reference: dict[str, bool] | None = None
 
@@ -249,19 +255,30 @@ class LlavaModule(L.LightningModule):
 
         quant = self._quantization_config() if self.finetune == "qlora" else None
         if self.sources["pretrained"] is not None:
-            return LlavaForConditionalGeneration.from_pretrained(
+            if quant is not None and self.init_from is not None:
+                raise ValueError(
+                    "model.init_from cannot be applied to a 4-bit `pretrained` load; export the init_from run "
+                    "(`python -m lightning_tive export`) and pass that folder as model.pretrained"
+                )
+            model = LlavaForConditionalGeneration.from_pretrained(
                 self.sources["pretrained"], dtype=self._load_dtype(), quantization_config=quant
             )
-        if self.tiny is not None:
+        elif self.tiny is not None:
             model = self._build_tiny()
         else:
             model = self._compose_from_parts()
-        if quant is None:
+        if self.init_from is not None:
+            load_init_weights(model, self.init_from, self._build_source())
+        if quant is None or self.sources["pretrained"] is not None:
             return model
         # 4-bit loading goes through from_pretrained; a temporary folder makes it one code path.
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
             return LlavaForConditionalGeneration.from_pretrained(tmp, dtype=self._load_dtype(), quantization_config=quant)
+
+    def _build_source(self) -> dict:
+        """The hyper-parameters that decide the built (pre-fine-tuning) weights."""
+        return {key: self.hparams.get(key) for key in BUILD_SOURCE_KEYS}
 
     def _llava_config(self, vision_config: Any, text_config: Any) -> Any:
         from transformers import LlavaConfig
@@ -332,7 +349,9 @@ class LlavaModule(L.LightningModule):
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         return model
 
-    def _apply_finetune_mode(self, freeze_vision: bool, train_projector: bool, checkpointing: bool) -> None:
+    def _apply_finetune_mode(
+        self, freeze_vision: bool, freeze_language: bool, train_projector: bool, checkpointing: bool
+    ) -> None:
         llava = self.model
         if checkpointing:
             llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -361,9 +380,9 @@ class LlavaModule(L.LightningModule):
         base = self.llava
         if self.finetune == "full":
             for p in base.model.language_model.parameters():
-                p.requires_grad_(True)
+                p.requires_grad_(not freeze_language)
             for p in base.lm_head.parameters():
-                p.requires_grad_(True)
+                p.requires_grad_(not freeze_language)
         for p in base.model.vision_tower.parameters():
             p.requires_grad_(not freeze_vision and self.finetune == "full")
         for p in base.model.multi_modal_projector.parameters():
@@ -612,6 +631,51 @@ class LlavaModule(L.LightningModule):
         merged.save_pretrained(output_dir)
         self.processor.save_pretrained(output_dir)
         return output_dir
+
+
+BUILD_SOURCE_KEYS = ("pretrained", "language_model", "vision_tower", "projector_path", "tiny", "tokenizer", "init_seed")
+
+
+def load_init_weights(model: torch.nn.Module, ckpt_path: str | os.PathLike, source: dict, _seen: tuple = ()) -> None:
+    """Load a `fit` checkpoint's weights into a freshly built LLaVA (its own `init_from` chain first).
+
+    Checkpoints keep trainable weights only; the rest is rebuilt from the build source, so the
+    checkpoint must come from the same source (same pretrained parts, tiny config, seed).
+    """
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model.init_from={path} does not exist (run the stage that writes it first)")
+    if path.resolve() in _seen:
+        raise ValueError(f"model.init_from chain loops back to {path}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    hparams = checkpoint.get("hyper_parameters", {})
+    for key in BUILD_SOURCE_KEYS:
+        if hparams.get(key) != source.get(key):
+            raise ValueError(
+                f"model.init_from={path} was trained from another build source: {key}={hparams.get(key)!r} there, "
+                f"{source.get(key)!r} here. Build this model from the same source as that run."
+            )
+    if hparams.get("init_from"):
+        load_init_weights(model, hparams["init_from"], source, (*_seen, path.resolve()))
+    state = {}
+    for key, value in checkpoint["state_dict"].items():
+        name = key.removeprefix("model.").removeprefix("base_model.model.")
+        if ".lora_" in name:
+            raise ValueError(
+                f"model.init_from={path} holds LoRA weights ({name}); export that run "
+                "(`python -m lightning_tive export`) and start from the merged folder with model.pretrained"
+            )
+        state[name] = value
+    own = model.state_dict()
+    unknown = sorted(k for k in state if k not in own)
+    if unknown:
+        raise ValueError(f"model.init_from={path} has weights this model lacks (e.g. {unknown[:3]})")
+    wrong = sorted(k for k in state if own[k].shape != state[k].shape)
+    if wrong:
+        raise ValueError(f"model.init_from={path}: shapes differ for {wrong[:3]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            own[name].copy_(value.to(own[name].dtype))
 
 
 def load_llava_projector(path: str | os.PathLike) -> dict[str, torch.Tensor]:

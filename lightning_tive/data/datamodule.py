@@ -51,7 +51,9 @@ class LlavaDataModule(L.LightningDataModule):
         template: conversation template, `vicuna_v1` (LLaVA-1.5) or `chat` (tokenizer's own).
         demo: generate and use the built-in demo mixture; null for real data.
         output_dir: where skipped.jsonl goes (defaults to the trainer's log dir).
-        seed: seed for the held-out split and the training shuffle.
+        seed: seed for the held-out split (and the cap on it), fixed across a run's seeds.
+        shuffle_seed: seed of the training order; None follows the run's seed (`seed_everything`),
+            so runs with another seed see another order over the same held-out split.
         group_by_length: LLaVA's group-by-modality-length batching, for throughput.
         check_lengths: tokenize every record at setup to find over-long ones before training.
         max_val_per_task: cap on held-out examples per task (keeps validation quick).
@@ -76,6 +78,7 @@ class LlavaDataModule(L.LightningDataModule):
         demo: DemoConfig | None = None,
         output_dir: str | None = None,
         seed: int = 0,
+        shuffle_seed: int | None = None,
         group_by_length: bool = False,
         check_lengths: bool = True,
         max_val_per_task: int | None = None,
@@ -98,6 +101,7 @@ class LlavaDataModule(L.LightningDataModule):
         self.labeller = TaskLabeller(task_rules or [])
         self.image_aspect_ratio, self.template_name, self.demo = image_aspect_ratio, template, demo
         self.output_dir, self.seed, self.group_by_length = output_dir, seed, group_by_length
+        self.shuffle_seed = shuffle_seed
         self.check_lengths, self.max_val_per_task = check_lengths, max_val_per_task
         self.task_eval_kinds = dict(task_eval_kinds or {})
         self.val_max_new_tokens = val_max_new_tokens
@@ -318,7 +322,7 @@ class LlavaDataModule(L.LightningDataModule):
         """Serves exactly `train_indices` (the whole pool until TIVE swaps it), shuffled and seeded."""
         self._require_pool()
         view = IndexView(self._dataset, self.train_indices)
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self._shuffle_seed())
         sampler: Sampler
         if self.group_by_length:
             sampler = ModalityLengthGroupedSampler(self._modality_lengths(self.train_indices), self.batch_size, generator)
@@ -332,6 +336,12 @@ class LlavaDataModule(L.LightningDataModule):
             collate_fn=LlavaCollator(self._pad_id()),
             persistent_workers=False,
         )
+
+    def _shuffle_seed(self) -> int:
+        if self.shuffle_seed is not None:
+            return self.shuffle_seed
+        run_seed = os.environ.get("PL_GLOBAL_SEED")  # set by seed_everything, also in spawned processes
+        return int(run_seed) if run_seed is not None else self.seed
 
     def val_dataloader(self) -> DataLoader | list:
         """Held-out examples with prompts and reference answers for generation metrics."""

@@ -3,7 +3,9 @@
 It mirrors the *shape* of LLaVA-665K (short-answer VQA, multiple choice, captions, OCR,
 text-only, multi-turn chat) at toy scale, with deliberately uneven redundancy between tasks.
 Records are written as LLaVA JSON plus PNG files, so they go through the same reader as real data.
-See docs/data_demo_and_tasks.md for the per-task design.
+Besides the nine instruction tasks (stage 2), an `align` task gives a caption pool for stage 1
+(LLaVA's feature alignment), drawn with its own stream and disjoint from a given stage-2 mixture.
+See docs/data.md for the per-task design.
 """
 
 from __future__ import annotations
@@ -39,7 +41,16 @@ DEMO_TASKS: tuple[str, ...] = (
     "conversation",
 )
 
+# Stage 1 (alignment): brief captions of every kind of scene the instruction tasks show.
+ALIGN_TASK = "align"
+ALIGN_PROMPTS: tuple[str, ...] = (
+    "Give a brief description of the image.",
+    "Describe the image concisely.",
+    "What is in the image?",
+)
+
 TASK_EVAL_KIND: dict[str, str] = {
+    ALIGN_TASK: "token_f1",
     "color": "exact_match",
     "shape": "exact_match",
     "count": "exact_match",
@@ -133,11 +144,16 @@ class DemoConfig:
     image_size: int = 64
     train_sizes: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_TRAIN_SIZES))
     val_size: int = 50
+    # A mixture (DemoConfig fields; {} is the default one) whose images this one must not contain:
+    # the stage-1 caption pool is drawn disjoint from the stage-2 pool and its held-out split.
+    disjoint_from: dict | None = None
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.train_sizes) - set(DEMO_TASKS))
+        unknown = sorted(set(self.train_sizes) - set(DEMO_TASKS) - {ALIGN_TASK})
         if unknown:
-            raise ValueError(f"unknown demo task(s) {unknown}; choose from {list(DEMO_TASKS)}")
+            raise ValueError(f"unknown demo task(s) {unknown}; choose from {[*DEMO_TASKS, ALIGN_TASK]}")
+        if self.disjoint_from is not None:
+            DemoConfig(**self.disjoint_from)  # refuse a bad reference now, not at generation
         negative = {t: n for t, n in self.train_sizes.items() if n < 0}
         if negative or self.val_size < 0:
             raise ValueError(f"sizes must be >= 0, got train_sizes={negative} val_size={self.val_size}")
@@ -147,8 +163,8 @@ class DemoConfig:
             )
 
     def tasks(self) -> list[str]:
-        """Tasks to generate, in DEMO_TASKS order."""
-        return [t for t in DEMO_TASKS if t in self.train_sizes]
+        """Tasks to generate, in DEMO_TASKS order (`align` last)."""
+        return [t for t in (*DEMO_TASKS, ALIGN_TASK) if t in self.train_sizes]
 
 
 @dataclass(frozen=True)
@@ -406,7 +422,28 @@ def _make_conversation(rng: random.Random, size: int) -> TaskOutput:
     return img, rng.sample(pool, rng.randint(2, 3))
 
 
+def _make_align(rng: random.Random, size: int) -> TaskOutput:
+    # The scenes of every instruction task, described briefly (as LLaVA's stage-1 captions are).
+    kind = rng.random()
+    if kind < 0.35:
+        color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+        img = _draw_single(size, color, shape, radius=rng.uniform(0.22, 0.34), jitter=0.12, rng=rng)
+        caption = f"{_article(color).capitalize()} {color} {shape}."
+    elif kind < 0.85:
+        n = rng.randint(1, 5)
+        shapes = [(rng.choice(list(COLORS)), rng.choice(SHAPES), c) for c in rng.sample(range(9), n)]
+        img = _draw_in_cells(size, shapes, rng)
+        described = _describe(shapes)
+        caption = f"{described[0].upper()}{described[1:]}."
+    else:
+        text = "".join(rng.choice(OCR_ALPHABET) for _ in range(OCR_LENGTH))
+        img = render_text(size, text, rng)
+        caption = f"The letters {text}."
+    return img, [(rng.choice(ALIGN_PROMPTS), caption)]
+
+
 TASK_MAKERS: dict[str, Callable[[random.Random, int], TaskOutput]] = {
+    ALIGN_TASK: _make_align,
     "color": _make_color,
     "shape": _make_shape,
     "count": _make_count,
@@ -436,8 +473,14 @@ def _record(record_id: str, task: str, image_path: str | None, turns: Turns) -> 
     return record
 
 
+def image_digest(image: Image.Image) -> str:
+    """Digest of an image's pixels (what "the same image" means for disjointness)."""
+    rgb = image.convert("RGB")
+    return hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
+
+
 def _generate_split(
-    split: str, n_per_task: dict[str, int], config: DemoConfig, image_folder: Path
+    split: str, n_per_task: dict[str, int], config: DemoConfig, image_folder: Path, taken: set[str]
 ) -> list[dict]:
     records = []
     for task in config.tasks():
@@ -448,12 +491,27 @@ def _generate_split(
         for i in range(n_per_task[task]):
             record_id = f"{task}-{split}-{i:05d}"
             image, turns = maker(rng, config.image_size)
+            while task == ALIGN_TASK and image_digest(image) in taken:
+                image, turns = maker(rng, config.image_size)  # redraw: never an image of `taken`
             image_path = None
             if image is not None:
                 image_path = f"{task}/{record_id}.png"
                 image.save(image_folder / image_path, format="PNG")
+                if task == ALIGN_TASK:
+                    taken.add(image_digest(image))  # nor one already in this pool
             records.append(_record(record_id, task, image_path, turns))
     return records
+
+
+def _images_of(config: DemoConfig) -> set[str]:
+    """Pixel digests of every image in a mixture's train and val splits (generated or cached)."""
+    paths = ensure_demo(config)
+    digests = set()
+    for record in json.loads(paths.train_json.read_text()) + json.loads(paths.val_json.read_text()):
+        if record.get("image") is not None:
+            with Image.open(paths.image_folder / record["image"]) as img:
+                digests.add(image_digest(img))
+    return digests
 
 
 def _write_json(path: Path, records: list[dict]) -> None:
@@ -466,8 +524,9 @@ def generate_demo(root: Path, config: DemoConfig) -> DemoPaths:
     """Write the demo mixture (train.json, val.json, images/) under `root`; same config, same bytes."""
     paths = DemoPaths.under(Path(root))
     paths.image_folder.mkdir(parents=True, exist_ok=True)
-    train = _generate_split("train", config.train_sizes, config, paths.image_folder)
-    val = _generate_split("val", {t: config.val_size for t in config.tasks()}, config, paths.image_folder)
+    taken = _images_of(DemoConfig(**config.disjoint_from)) if config.disjoint_from is not None else set()
+    train = _generate_split("train", config.train_sizes, config, paths.image_folder, taken)
+    val = _generate_split("val", {t: config.val_size for t in config.tasks()}, config, paths.image_folder, taken)
     _write_json(paths.train_json, train)
     _write_json(paths.val_json, val)
     return paths
