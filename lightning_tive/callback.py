@@ -43,14 +43,19 @@ Fraction = restricted_number_type("Fraction", float, [(">", 0), ("<=", 1)], docs
 STATE_VERSION = 1
 
 
+ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ALL_LINEAR_MODULES = [*ATTENTION_MODULES, "gate_proj", "up_proj", "down_proj"]
+WARMUP_LOSSES = ("token_mean", "example_mean")
+
+
 @dataclass
 class ReferenceLora:
-    """The throw-away reference adapter (paper: r=128, alpha=256 on q/k/v/o of the LM)."""
+    """The throw-away reference adapter (authors' finetune_lora.sh: r=128, alpha=256, every linear layer of the LM)."""
 
     r: int = 128
     alpha: int = 256
     dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR_MODULES))
 
 
 @runtime_checkable
@@ -63,6 +68,10 @@ class TIVEModel(Protocol):
 
     def per_example_loss(self, batch: Any) -> torch.Tensor: ...
 
+    def supervised_tokens(self, batch: Any) -> torch.Tensor: ...
+
+    def projector_parameters(self) -> list[torch.nn.Parameter]: ...
+
 
 @runtime_checkable
 class TIVEData(Protocol):
@@ -72,7 +81,7 @@ class TIVEData(Protocol):
     task_names: list[str]
     pool_task_ids: np.ndarray
 
-    def pool_dataloader(self, indices: Any = None, batch_size: int | None = None) -> Any: ...
+    def pool_dataloader(self, indices: Any = None, batch_size: int | None = None, batches: Any = None) -> Any: ...
 
     def pool_record(self, index: int) -> dict: ...
 
@@ -92,9 +101,16 @@ class TIVESelectionCallback(Callback):
         warmup_ratio: size of the task-balanced warm-up set as a fraction of the pool.
         warmup_epochs: epochs of reference-adapter training.
         warmup_lr: AdamW learning rate of the reference adapter (cosine schedule, 3% warm-up).
+        warmup_projector_lr: learning rate of the multi-modal projector during the warm-up (the
+            authors train it too, at 2e-5); null keeps it frozen. It is restored bit for bit afterwards.
+        warmup_grad_clip: gradient-norm clipping of the warm-up (HF Trainer's default 1.0); null: none.
+        warmup_loss: `token_mean` (LLaVA's: mean over the global batch's supervised tokens) or
+            `example_mean` (each example's mean, averaged).
         warmup_batch_size: global warm-up batch size, split over the processes (default: the
             DataModule's batch size times the number of processes).
         reference_lora: the reference adapter's LoRA settings.
+        gradient_modules: the reference adapter's modules whose LoRA weights the features are taken
+            over (authors: the attention ones, `'self_attn' in name`); a subset of its target modules.
         projector: `kronecker` (structured, never forms the full gradient), `rademacher` or `identity`.
         proj_dim: feature dimension (8192 in the paper); ignored by `identity` (the adapter's size).
         sampling: `softmax` (∝ exp(u/temperature)), `topk` or `uniform` inside each task.
@@ -117,8 +133,12 @@ class TIVESelectionCallback(Callback):
         warmup_ratio: Fraction = 0.08,
         warmup_epochs: PositiveInt = 1,
         warmup_lr: PositiveFloat = 2e-5,
+        warmup_projector_lr: PositiveFloat | None = 2e-5,
+        warmup_grad_clip: PositiveFloat | None = 1.0,
+        warmup_loss: Literal["token_mean", "example_mean"] = "token_mean",
         warmup_batch_size: PositiveInt | None = None,
         reference_lora: ReferenceLora | None = None,
+        gradient_modules: list[str] | None = None,
         projector: Literal["kronecker", "rademacher", "identity"] = "kronecker",
         proj_dim: PositiveInt = 8192,
         sampling: Literal["softmax", "topk", "uniform"] = "softmax",
@@ -152,17 +172,30 @@ class TIVESelectionCallback(Callback):
             raise ValueError(f"tive.feature_dtype must be float16 or float32, got {feature_dtype!r}")
         if chunk_size <= 0:
             raise ValueError(f"tive.chunk_size must be positive, got {chunk_size}")
+        if warmup_loss not in WARMUP_LOSSES:
+            raise ValueError(f"tive.warmup_loss must be one of {WARMUP_LOSSES}, got {warmup_loss!r}")
         if isinstance(reference_lora, dict):
             reference_lora = ReferenceLora(**reference_lora)
+        reference_lora = reference_lora or ReferenceLora()
+        gradient_modules = list(ATTENTION_MODULES if gradient_modules is None else gradient_modules)
+        outside = sorted(set(gradient_modules) - set(reference_lora.target_modules))
+        if not gradient_modules or outside:
+            raise ValueError(
+                f"tive.gradient_modules must be a non-empty subset of tive.reference_lora.target_modules "
+                f"{reference_lora.target_modules}; {outside or 'it is empty'}"
+            )
         # Plain builtins: the CLI's restricted types would otherwise be pickled into checkpoints.
         ratio, warmup_ratio, warmup_lr, temperature = float(ratio), float(warmup_ratio), float(warmup_lr), float(temperature)
         warmup_epochs, proj_dim, chunk_size = int(warmup_epochs), int(proj_dim), int(chunk_size)
         warmup_batch_size = None if warmup_batch_size is None else int(warmup_batch_size)
+        warmup_projector_lr = None if warmup_projector_lr is None else float(warmup_projector_lr)
+        warmup_grad_clip = None if warmup_grad_clip is None else float(warmup_grad_clip)
         valuation_batch_size = None if valuation_batch_size is None else int(valuation_batch_size)
         self.strategy = strategy
         self.enabled, self.ratio, self.warmup_ratio = enabled, ratio, warmup_ratio
         self.warmup_epochs, self.warmup_lr, self.warmup_batch_size = warmup_epochs, warmup_lr, warmup_batch_size
-        self.reference_lora = reference_lora or ReferenceLora()
+        self.warmup_projector_lr, self.warmup_grad_clip, self.warmup_loss = warmup_projector_lr, warmup_grad_clip, warmup_loss
+        self.reference_lora, self.gradient_modules = reference_lora, gradient_modules
         self.projector_kind, self.proj_dim = projector, proj_dim
         self.sampling, self.temperature = sampling, temperature
         self.exclude_tasks = list(exclude_tasks or [])
@@ -182,7 +215,12 @@ class TIVESelectionCallback(Callback):
             "warmup_ratio": self.warmup_ratio,
             "warmup_epochs": self.warmup_epochs,
             "warmup_lr": self.warmup_lr,
+            "warmup_projector_lr": self.warmup_projector_lr,
+            "warmup_grad_clip": self.warmup_grad_clip,
+            "warmup_loss": self.warmup_loss,
+            "warmup_batch_size": self.warmup_batch_size,
             "reference_lora": asdict(self.reference_lora),
+            "gradient_modules": self.gradient_modules,
             "projector": self.projector_kind,
             "proj_dim": self.proj_dim,
             "sampling": self.sampling,
@@ -207,8 +245,8 @@ class TIVESelectionCallback(Callback):
             )
         if not isinstance(pl_module, TIVEModel):
             raise TypeError(
-                f"{type(pl_module).__name__} does not implement TIVE's model protocol "
-                "(add_reference_adapter, remove_reference_adapter, per_example_loss)"
+                f"{type(pl_module).__name__} does not implement TIVE's model protocol (add_reference_adapter, "
+                "remove_reference_adapter, per_example_loss, supervised_tokens, projector_parameters)"
             )
         datamodule = trainer.datamodule
         names = getattr(datamodule, "task_names", None)
@@ -308,11 +346,15 @@ class TIVESelectionCallback(Callback):
     def _warm_up_and_value(
         self, trainer: L.Trainer, module: Any, datamodule: Any, out: Path, timings: dict
     ) -> tuple[FeatureStore, np.ndarray]:
-        before = _trainable_fingerprint(module)
+        projector_params = list(module.projector_parameters())
+        before = _trainable_fingerprint(module, extra=projector_params)
         was_training = module.training
         world, rank = trainer.world_size, trainer.global_rank
-        layers = module.add_reference_adapter(self.reference_lora, self.seed)
+        projector_saved = [(p, p.detach().clone(), p.requires_grad) for p in projector_params]
+        adapter = module.add_reference_adapter(self.reference_lora, self.seed)
         try:
+            # The warm-up trains the whole adapter (and the projector); features use `gradient_modules`.
+            layers = [(n, layer) for n, layer in adapter if _module_of(n) in self.gradient_modules]
             projector = self._projector(layers)
             folder = out / "features"
             _check_layout(folder, world)
@@ -339,38 +381,48 @@ class TIVESelectionCallback(Callback):
             if resume:
                 # A valuation was interrupted: reuse its adapter so the remaining features match.
                 if trainer.is_global_zero:
-                    _load_adapter(layers, adapter_file)
+                    _load_adapter(adapter, projector_params, adapter_file)
                     rank_zero_info(f"[tive] resuming valuation with the reference adapter from {adapter_file}")
-                _broadcast_layers(layers, world)
+                _broadcast_layers(adapter, projector_params, world)
             elif needs_valuation:
-                self._warm_up(trainer, module, datamodule)
+                self._warm_up(trainer, module, datamodule, projector_params)
                 if trainer.is_global_zero:
-                    _save_adapter(layers, adapter_file)
+                    _save_adapter(adapter, projector_params, adapter_file)
             timings["warmup_s"] = time.perf_counter() - clock
-            self.adapter_sha256 = _layers_sha256(layers)
+            self.adapter_sha256 = _layers_sha256(adapter)
             clock = time.perf_counter()
             self._value(trainer, module, datamodule, layers, projector, store, indices)
             timings["valuation_s"] = time.perf_counter() - clock
         finally:
             module.remove_reference_adapter()
+            with torch.no_grad():
+                for param, value, flag in projector_saved:
+                    param.copy_(value)
+                    param.requires_grad_(flag)
             module.train(was_training)
-        after = _trainable_fingerprint(module)
+        after = _trainable_fingerprint(module, extra=projector_params)
         if after != before:
             changed = sorted(k for k in before if before[k] != after.get(k))[:5]
             raise RuntimeError(f"the warm-up changed the main model's trainable weights (e.g. {changed})")
         return store, indices
 
-    def _warm_up(self, trainer: L.Trainer, module: Any, datamodule: Any) -> None:
-        """Train the reference adapter; every process runs its slice of each global batch."""
+    def _warm_up(self, trainer: L.Trainer, module: Any, datamodule: Any, projector_params: list) -> None:
+        """Train the reference adapter (and the projector); every process runs its slice of each global batch."""
         from lightning_tive.model import WarmupCosineLR
 
         size = int(round(self.warmup_ratio * datamodule.pool_size))
         indices = balanced_warmup_indices(datamodule.pool_task_ids, len(datamodule.task_names), size, self.seed)
-        params = [p for p in module.parameters() if p.requires_grad]
+        adapter_params = [p for p in module.parameters() if p.requires_grad]
+        groups = [{"params": adapter_params, "lr": self.warmup_lr}]
+        if self.warmup_projector_lr is not None and projector_params:
+            for p in projector_params:
+                p.requires_grad_(True)
+            groups.append({"params": projector_params, "lr": self.warmup_projector_lr})
+        params = [p for group in groups for p in group["params"]]
         world, rank = trainer.world_size, trainer.global_rank
         global_batch = self.warmup_batch_size or getattr(datamodule, "batch_size", 8) * world
         steps_per_epoch = max(1, math.ceil(len(indices) / global_batch))
-        optimizer = torch.optim.AdamW(params, lr=self.warmup_lr, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         scheduler = WarmupCosineLR(optimizer, total_steps=steps_per_epoch * self.warmup_epochs)
         module.train()
         step = 0
@@ -381,13 +433,24 @@ class TIVESelectionCallback(Callback):
             local = [b[rank::world] for b in global_batches]
             loader = datamodule.pool_dataloader(batches=local)
             for batch, whole in zip(loader, global_batches, strict=True):
-                if "input_ids" in batch:
+                present = "input_ids" in batch
+                if present:
                     batch = trainer.strategy.batch_to_device(batch)
+                # Each process's loss is its slice's share of the global mean, so the gradients summed
+                # over processes are the global batch's, whatever the number of processes.
+                if self.warmup_loss == "token_mean":
+                    tokens = module.supervised_tokens(batch).sum().float() if present else torch.zeros(())
+                    denominator = _sum_over_ranks(trainer, tokens.to(trainer.strategy.root_device)).clamp(min=1)
+                else:
+                    denominator = torch.tensor(float(len(whole)), device=trainer.strategy.root_device)
+                if present:
                     with trainer.precision_plugin.forward_context():
-                        # Sum over this slice / size of the whole batch: summed over processes, the
-                        # mean over the global batch, whatever the number of processes.
-                        loss = module.per_example_loss(batch).sum() / len(whole)
-                    grads = list(torch.autograd.grad(loss, params))
+                        losses = module.per_example_loss(batch)
+                        if self.warmup_loss == "token_mean":
+                            losses = losses * module.supervised_tokens(batch)
+                        loss = losses.sum() / denominator
+                    grads = list(torch.autograd.grad(loss, params, allow_unused=True))
+                    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
                     loss_value = loss.detach().float()
                 else:  # this slice was all skipped records (or G < world): it still joins the all-reduce
                     grads = [torch.zeros_like(p) for p in params]
@@ -398,6 +461,8 @@ class TIVESelectionCallback(Callback):
                     _all_reduce_sum(loss_value)
                 for p, g in zip(params, grads, strict=True):
                     p.grad = g.to(p.dtype)
+                if self.warmup_grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, self.warmup_grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
@@ -408,6 +473,8 @@ class TIVESelectionCallback(Callback):
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(loss_value):.3f}")
         bar.close()
+        for p in projector_params:  # valuation differentiates the adapter only
+            p.requires_grad_(False)
 
     def _projector(self, layers: list) -> Any:
         # `identity` keeps the whole gradient: its dimension is the adapter's size, not proj_dim.
@@ -532,9 +599,13 @@ class TIVESelectionCallback(Callback):
             "pool": _pool_fingerprint(datamodule),
             "model": model,
             "reference_lora": asdict(self.reference_lora),
+            "gradient_modules": self.gradient_modules,
             "projector": self.projector_kind,
             "seed": self.seed,
-            "warmup": {"ratio": self.warmup_ratio, "epochs": self.warmup_epochs, "lr": self.warmup_lr},
+            "warmup": {
+                "ratio": self.warmup_ratio, "epochs": self.warmup_epochs, "lr": self.warmup_lr,
+                "projector_lr": self.warmup_projector_lr, "grad_clip": self.warmup_grad_clip, "loss": self.warmup_loss,
+            },
         }
 
     def _summary(self, datamodule: Any, result: Any, timings: dict) -> dict:
@@ -612,6 +683,20 @@ def _all_reduce_sum(tensor: torch.Tensor) -> None:
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
 
 
+def _sum_over_ranks(trainer: L.Trainer, value: torch.Tensor) -> torch.Tensor:
+    """The sum of a tensor over processes (a copy)."""
+    value = value.clone()
+    if trainer.world_size > 1:
+        _all_reduce_sum(value)
+    return value
+
+
+def _module_of(layer_name: str) -> str:
+    """`...self_attn.q_proj.lora_A.tive_reference` -> `q_proj`."""
+    parts = layer_name.split(".")
+    return parts[parts.index(next(p for p in parts if p.startswith("lora_"))) - 1]
+
+
 def _any_rank(trainer: L.Trainer, flag: bool) -> bool:
     """True if `flag` holds on any process."""
     if trainer.world_size == 1:
@@ -687,35 +772,48 @@ def _layers_sha256(layers: list) -> str:
     return digest.hexdigest()
 
 
-def _broadcast_layers(layers: list, world: int) -> None:
+def _broadcast_layers(layers: list, projector_params: list, world: int) -> None:
     if world > 1:
         for _, layer in layers:
             torch.distributed.broadcast(layer.weight.data, src=0)
+        for param in projector_params:
+            torch.distributed.broadcast(param.data, src=0)
 
 
-def _trainable_fingerprint(module: torch.nn.Module) -> dict[str, str]:
-    out = {}
-    for name, param in module.named_parameters():
-        if param.requires_grad:
-            data = param.detach()
-            raw = data.view(torch.uint8) if data.element_size() == 1 else data.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[data.element_size()])
-            out[name] = hashlib.blake2b(raw.cpu().contiguous().numpy().tobytes(), digest_size=16).hexdigest()
-    return out
+def _fingerprint_tensor(tensor: torch.Tensor) -> str:
+    data = tensor.detach()
+    raw = data.view(torch.uint8) if data.element_size() == 1 else data.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[data.element_size()])
+    return hashlib.blake2b(raw.cpu().contiguous().numpy().tobytes(), digest_size=16).hexdigest()
 
 
-def _save_adapter(layers: list, path: Path) -> None:
+def _trainable_fingerprint(module: torch.nn.Module, extra: list | None = None) -> dict[str, str]:
+    """Bit-level digests of every trainable parameter, and of `extra` ones (e.g. a frozen projector)."""
+    ids = {id(p) for p in extra or []}
+    return {
+        name: _fingerprint_tensor(param)
+        for name, param in module.named_parameters()
+        if param.requires_grad or id(param) in ids
+    }
+
+
+def _save_adapter(layers: list, projector_params: list, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({name: layer.weight.detach().cpu() for name, layer in layers}, tmp)
+    state = {name: layer.weight.detach().cpu() for name, layer in layers}
+    state.update({f"projector.{k}": p.detach().cpu() for k, p in enumerate(projector_params)})
+    torch.save(state, tmp)
     tmp.replace(path)
 
 
-def _load_adapter(layers: list, path: Path) -> None:
+def _load_adapter(layers: list, projector_params: list, path: Path) -> None:
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    if set(saved) != {name for name, _ in layers}:
+    expected = {name for name, _ in layers} | {f"projector.{k}" for k in range(len(projector_params))}
+    if set(saved) != expected:
         raise ValueError(f"{path} was written for a different reference adapter; delete it to warm up again")
     with torch.no_grad():
         for name, layer in layers:
             layer.weight.copy_(saved[name])
+        for k, param in enumerate(projector_params):
+            param.copy_(saved[f"projector.{k}"])
 
 
 def _progress(trainer: L.Trainer, total: int, desc: str) -> Any:

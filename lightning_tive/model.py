@@ -411,6 +411,14 @@ class LlavaModule(L.LightningModule):
         total, count = per_example_nll(self(batch).logits, batch["labels"])
         return total / count.clamp(min=1)
 
+    def supervised_tokens(self, batch: dict) -> torch.Tensor:
+        """Each example's number of supervised (next-token) positions: a vector [B]."""
+        return (batch["labels"][:, 1:] != -100).sum(dim=1)
+
+    def projector_parameters(self) -> list[torch.nn.Parameter]:
+        """The multi-modal projector's parameters (TIVE's warm-up may train them, then restores them)."""
+        return list(self.llava.model.multi_modal_projector.parameters())
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         """LLaVA's loss: the token mean over the batch's supervised tokens."""
         if "input_ids" not in batch:  # every item of this batch was a skipped bad record

@@ -233,9 +233,34 @@ def test_identity_projector_stores_the_whole_adapter_gradient(tmp_path):
     trainer, tive, _, _ = run_fit(tmp_path, projector="identity", stop_after_selection=True)
     features = np.load(tmp_path / "tive" / "features" / "features.npy")
     norms = np.load(tmp_path / "tive" / "features" / "grad_norms.npy")
+    # the adapter covers every linear layer, the features its attention part (gradient_modules' default):
     # r=4 LoRA on q/k/v/o of 2 layers of width 128: 8 modules x (4x128 + 128x4)
     assert features.shape == (POOL, 8 * 2 * 4 * 128)
     np.testing.assert_allclose(np.linalg.norm(features.astype(np.float64), axis=1), norms, rtol=2e-3)
+
+
+def test_gradient_modules_choose_the_feature_layers(tmp_path):
+    every = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    run_fit(tmp_path, projector="identity", gradient_modules=every, stop_after_selection=True)
+    features = np.load(tmp_path / "tive" / "features" / "features.npy")
+    mlp = 2 * (2 * (4 * 128 + 256 * 4) + (4 * 256 + 128 * 4))  # gate/up 128->256, down 256->128, 2 layers
+    assert features.shape == (POOL, 8 * 2 * 4 * 128 + mlp)
+    with pytest.raises(ValueError, match="subset of tive.reference_lora.target_modules"):
+        TIVESelectionCallback(reference_lora=ReferenceLora(target_modules=["q_proj"]), gradient_modules=["v_proj"])
+
+
+@pytest.mark.parametrize("projector_lr", [1e-2, None])
+def test_warm_up_trains_the_projector_only_when_asked(tmp_path, projector_lr):
+    initial = LlavaModule(tiny=TinyLlavaConfig(), finetune="lora").projector_parameters()
+    _, _, probe, _ = run_fit(tmp_path, warmup_projector_lr=projector_lr, stop_after_selection=True)
+    saved = torch.load(tmp_path / "tive" / "reference_adapter.pt", weights_only=True)
+    warmed = [saved[f"projector.{k}"] for k in range(len(initial))]
+    moved = [not torch.equal(a, b) for a, b in zip(initial, warmed, strict=True)]
+    assert all(moved) if projector_lr else not any(moved)
+    # and the main model's projector is back, bit for bit, before the main training
+    projector = {k: v for k, v in probe.weights_at_train_start.items() if "multi_modal_projector" in k}
+    assert len(projector) == 4
+    assert all(torch.equal(v, probe.weights_at_setup[k]) for k, v in projector.items())
 
 
 def test_features_from_another_process_count_are_not_mixed_in(tmp_path):

@@ -192,6 +192,7 @@ class LlavaDataModule(L.LightningDataModule):
         rank_zero_info(
             f"[lightning_tive] pool: {len(self.pool)} examples in {len(counts)} tasks {dict(sorted(counts.items()))}; "
             f"held out: {len(self.val_pool) if self.val_pool else 0}; skipped: {self.skip_log.count}"
+            + (f" (listed in {skipped_path})" if self.skip_log.count and skipped_path is not None else "")
         )
         if counts.get("unknown"):
             rank_zero_info(f"[lightning_tive] {counts['unknown']} pool examples matched no task rule: task 'unknown'")
