@@ -31,13 +31,20 @@ from lightning_tive.tive.store import (
     shard_name,
     write_shard_index,
 )
-from lightning_tive.tive.values import instance_values
+from lightning_tive.tive.values import ArrayFeatures, instance_values
 from lightning_tive.tive.warmup import balanced_warmup_indices
 
 SUPPORTED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
 # Selection strategies: TIVE, its two ablations, and baselines (see docs/tive.md).
-SELECTION_STRATEGIES = ("tive", "tive_uniform", "instance_only", "random", "gradnorm", "length")
-NEEDS_GRADIENTS = ("tive", "tive_uniform", "instance_only", "gradnorm")
+SELECTION_STRATEGIES = (
+    "tive", "tive_uniform", "instance_only", "random", "gradnorm", "length", "perplexity", "size_aware",
+    "length_normalised",
+)
+NEEDS_GRADIENTS = ("tive", "tive_uniform", "instance_only", "gradnorm", "perplexity", "size_aware", "length_normalised")
+SelectionStrategy = Literal[
+    "tive", "tive_uniform", "instance_only", "random", "gradnorm", "length", "perplexity", "size_aware",
+    "length_normalised",
+]
 # Types the CLI checks while parsing, so a bad `tive:` value fails before any model is loaded.
 Fraction = restricted_number_type("Fraction", float, [(">", 0), ("<=", 1)], docstring="a number in (0, 1]")
 STATE_VERSION = 1
@@ -95,8 +102,12 @@ class TIVESelectionCallback(Callback):
         enabled: run TIVE; off, the fit trains on the whole pool.
         strategy: `tive`; its ablations `tive_uniform` (task values, uniform inside tasks) and
             `instance_only` (task shares by size, instance values inside); baselines `random`
-            (proportional to task size), `gradnorm` (largest gradient norms, GraNd-like) and `length`
-            (longest responses). `random` and `length` need no warm-up or valuation.
+            (proportional to task size), `gradnorm` (largest gradient norms, GraNd-like), `length`
+            (longest responses) and `perplexity` (highest loss under the reference model); beyond the
+            paper, `size_aware` (task budget ∝ v(T)·|T|^size_alpha) and `length_normalised` (task value
+            from ||g_s||·sqrt(tokens_s), so long answers are not "easy" by averaging alone). `random`
+            and `length` need no warm-up or valuation.
+        size_alpha: the exponent of `size_aware`.
         ratio: budget as a fraction of the pool, B = round(ratio * |D|), in (0, 1].
         warmup_ratio: size of the task-balanced warm-up set as a fraction of the pool.
         warmup_epochs: epochs of reference-adapter training.
@@ -128,7 +139,8 @@ class TIVESelectionCallback(Callback):
     def __init__(
         self,
         enabled: bool = True,
-        strategy: Literal["tive", "tive_uniform", "instance_only", "random", "gradnorm", "length"] = "tive",
+        strategy: SelectionStrategy = "tive",
+        size_alpha: float = 0.5,
         ratio: Fraction = 0.15,
         warmup_ratio: Fraction = 0.08,
         warmup_epochs: PositiveInt = 1,
@@ -191,7 +203,7 @@ class TIVESelectionCallback(Callback):
         warmup_projector_lr = None if warmup_projector_lr is None else float(warmup_projector_lr)
         warmup_grad_clip = None if warmup_grad_clip is None else float(warmup_grad_clip)
         valuation_batch_size = None if valuation_batch_size is None else int(valuation_batch_size)
-        self.strategy = strategy
+        self.strategy, self.size_alpha = strategy, float(size_alpha)
         self.enabled, self.ratio, self.warmup_ratio = enabled, ratio, warmup_ratio
         self.warmup_epochs, self.warmup_lr, self.warmup_batch_size = warmup_epochs, warmup_lr, warmup_batch_size
         self.warmup_projector_lr, self.warmup_grad_clip, self.warmup_loss = warmup_projector_lr, warmup_grad_clip, warmup_loss
@@ -211,6 +223,7 @@ class TIVESelectionCallback(Callback):
         """Every setting, as written to summary.json."""
         return {
             "strategy": self.strategy,
+            "size_alpha": self.size_alpha,
             "ratio": self.ratio,
             "warmup_ratio": self.warmup_ratio,
             "warmup_epochs": self.warmup_epochs,
@@ -283,24 +296,24 @@ class TIVESelectionCallback(Callback):
         if self.strategy in NEEDS_GRADIENTS:
             sharded = False
             if self.features_from is not None:
-                source, indices, norms = self._open_features(Path(self.features_from), datamodule)
+                source, indices = self._open_features(Path(self.features_from), datamodule)
             else:
                 source, indices = self._warm_up_and_value(trainer, pl_module, datamodule, out, timings)
-                norms = source.read_norms()
                 sharded = trainer.world_size > 1
+            columns = {"norms": source.read_norms(), **{c: _read_column(source, c) for c in ("loss", "tokens")}}
             clock = time.perf_counter()
             # Each process passes its own rows; pass 1's per-task sums are summed across processes.
-            u, finite = instance_values(
-                source, task_ids[indices], len(datamodule.task_names), np.isfinite(norms),
+            columns["u"], columns["finite"] = instance_values(
+                source, task_ids[indices], len(datamodule.task_names), np.isfinite(columns["norms"]),
                 all_reduce=_all_reduce_sum if sharded else None,
             )
-            norms, u, finite = _gather_by_index(datamodule.pool_size, indices, norms, u, finite, sharded)
+            values = _gather_by_index(datamodule.pool_size, indices, columns, sharded)
         else:
-            norms = u = np.full(datamodule.pool_size, np.nan)
-            finite = np.ones(datamodule.pool_size, dtype=bool)
+            nan = np.full(datamodule.pool_size, np.nan)
+            values = {"norms": nan, "u": nan, "loss": nan, "tokens": nan, "finite": np.ones(datamodule.pool_size, dtype=bool)}
         result = None
         if trainer.is_global_zero:
-            result = self._select(datamodule, task_ids, norms, u, finite)
+            result = self._select(datamodule, task_ids, values)
             timings["selection_s"] = time.perf_counter() - clock
             payload = (result.selected_indices.tolist(), self._summary(datamodule, result, timings))
         else:
@@ -319,12 +332,24 @@ class TIVESelectionCallback(Callback):
             return
         self._swap(trainer, pl_module, datamodule)
 
-    def _select(self, datamodule: Any, task_ids: np.ndarray, norms: np.ndarray, u: np.ndarray, finite: np.ndarray) -> Any:
+    def _select(self, datamodule: Any, task_ids: np.ndarray, values: dict[str, np.ndarray]) -> Any:
         """The configured strategy's selection from pool-ordered values."""
         names = datamodule.task_names
+        norms, u, finite = values["norms"], values["u"], values["finite"]
         common = {"ratio": self.ratio, "exclude_tasks": self.exclude_tasks}
-        if self.strategy in ("gradnorm", "length"):
-            scores = norms if self.strategy == "gradnorm" else _response_lengths(datamodule)
+        if self.strategy in ("perplexity", "length_normalised"):
+            needed = "loss" if self.strategy == "perplexity" else "tokens"
+            missing = finite & np.isfinite(norms) & ~np.isfinite(values[needed])
+            if missing.any():
+                raise ValueError(
+                    f"tive.strategy={self.strategy} needs each example's {needed} in the feature store, and "
+                    f"{int(missing.sum())} finite examples have none (features written by an older version?): "
+                    "recompute the features"
+                )
+        if self.strategy in ("gradnorm", "length", "perplexity"):
+            scores = {
+                "gradnorm": lambda: norms, "length": lambda: _response_lengths(datamodule), "perplexity": lambda: values["loss"],
+            }[self.strategy]()
             return select_top_scores(scores, norms, u, finite, task_ids, names, **common)
         if self.strategy == "random":
             # Budgets by task size and a uniform draw need no gradients: stand-in values, reported as NaN.
@@ -336,11 +361,13 @@ class TIVESelectionCallback(Callback):
             for row in result.tasks:
                 row.task_value = float("nan")
             return result
+        budget_by = {"instance_only": "size", "size_aware": "value_size"}.get(self.strategy, "value")
         return select_from_values(
             norms, u, finite, task_ids, names, **common,
             sampling="uniform" if self.strategy == "tive_uniform" else self.sampling,
-            temperature=self.temperature, seed=self.seed,
-            budget_by="size" if self.strategy == "instance_only" else "value",
+            temperature=self.temperature, seed=self.seed, budget_by=budget_by, size_alpha=self.size_alpha,
+            # ||g_s|| averages T_s per-token gradients: times sqrt(T_s) undoes the shrinkage of averaging.
+            task_scores=norms * np.sqrt(values["tokens"]) if self.strategy == "length_normalised" else None,
         )
 
     def _warm_up_and_value(
@@ -503,6 +530,7 @@ class TIVESelectionCallback(Callback):
             position = {int(p): k for k, p in enumerate(pool_indices)}
             features = np.zeros((stop - start, store.proj_dim), dtype=np.float32)
             norms = np.full(stop - start, np.nan, dtype=np.float32)  # stays NaN for a record skipped as bad
+            losses, tokens = np.full_like(norms, np.nan), np.full_like(norms, np.nan)
             for batch in datamodule.pool_dataloader(pool_indices, batch_size=batch_size):
                 count = len(batch["pool_index"]) + len(batch.get("skipped_pool_index", []))
                 if "input_ids" in batch:
@@ -512,16 +540,18 @@ class TIVESelectionCallback(Callback):
                         grads = per_example_grads(layers, projector, module.per_example_loss, batch)
                     features[rows] = grads.features.float().cpu().numpy()
                     norms[rows] = grads.norms.float().cpu().numpy()
+                    losses[rows] = grads.losses.float().cpu().numpy()
+                    tokens[rows] = module.supervised_tokens(batch).float().cpu().numpy()
                 bar.update(count)
-            store.write_chunk(chunk, np.arange(start, stop), features, norms)
+            store.write_chunk(chunk, np.arange(start, stop), features, norms, columns={"loss": losses, "tokens": tokens})
             self.valued_now += stop - start
         bar.close()
         trainer.strategy.barrier("tive-valuation")
         if not store.is_complete():
             raise RuntimeError(f"feature store {store.folder} is incomplete after valuation: {store.missing_chunks()[:5]}")
 
-    def _open_features(self, folder: Path, datamodule: Any) -> tuple[Any, np.ndarray, np.ndarray]:
-        """(source, pool index of each source row, norms) from a features folder of any layout."""
+    def _open_features(self, folder: Path, datamodule: Any) -> tuple[Any, np.ndarray]:
+        """(source, pool index of each source row) from a features folder of any layout."""
         pool = datamodule.pool_size
         if (folder / SHARDS).exists():
             source = ShardedFeatures(folder)
@@ -533,7 +563,7 @@ class TIVESelectionCallback(Callback):
                 )
             if not source.is_complete():
                 raise ValueError(f"tive.features_from={folder} is incomplete")
-            return source, source.indices, source.read_norms()
+            return source, source.indices
         if (folder / FeatureStore.META).exists():
             store = FeatureStore.open(folder)
             _check_pool(folder, [store.meta["extra"]], datamodule)
@@ -544,7 +574,7 @@ class TIVESelectionCallback(Callback):
                 )
             if not store.is_complete():
                 raise ValueError(f"tive.features_from={folder} is incomplete (chunks {store.missing_chunks()[:5]} missing)")
-            return store, np.arange(pool), store.read_norms()
+            return store, np.arange(pool)
         features = np.load(folder / "features.npy", mmap_mode="r")
         norms = np.load(folder / "grad_norms.npy").astype(np.float32)
         if features.ndim != 2 or features.shape[0] != pool or norms.shape != (pool,):
@@ -557,7 +587,7 @@ class TIVESelectionCallback(Callback):
             "adapter and projection produced it cannot be checked",
             stacklevel=2,
         )
-        return np.asarray(features), np.arange(pool), norms
+        return _PlainFeatures(np.asarray(features), norms), np.arange(pool)
 
     def _check_same_everywhere(self, trainer: L.Trainer, out: Path) -> None:
         """Every process must train on the identical multiset (else the DistributedSampler hangs)."""
@@ -667,6 +697,18 @@ class TIVESelectionCallback(Callback):
         self.summary = state_dict.get("summary", {})
 
 
+class _PlainFeatures(ArrayFeatures):
+    """A bare `features.npy` + `grad_norms.npy` folder as a feature source."""
+
+    def __init__(self, features: np.ndarray, norms: np.ndarray) -> None:
+        super().__init__(features)
+        self.norms = norms
+
+    def read_norms(self) -> np.ndarray:
+        """The folder's gradient norms."""
+        return self.norms
+
+
 def _response_lengths(datamodule: Any) -> np.ndarray:
     """Words in each pool example's assistant turns (the `length` baseline's score)."""
     return np.array(
@@ -706,24 +748,29 @@ def _any_rank(trainer: L.Trainer, flag: bool) -> bool:
     return bool(value.item() > 0)
 
 
-def _gather_by_index(
-    pool_size: int, indices: np.ndarray, norms: np.ndarray, u: np.ndarray, finite: np.ndarray, sharded: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pool-ordered norms, instance values and finite flags; gathered from every process when sharded."""
-    parts = [(indices, norms, u, finite)]
+def _gather_by_index(pool_size: int, indices: np.ndarray, columns: dict[str, np.ndarray], sharded: bool) -> dict:
+    """Pool-ordered per-example columns (norms, values, flags...); gathered from every process when sharded."""
+    parts = [(indices, columns)]
     if sharded:
         parts = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(parts, (indices, norms, u, finite))
-    out_norms = np.full(pool_size, np.nan, dtype=np.float64)
-    out_u = np.full(pool_size, np.nan, dtype=np.float64)
-    out_finite = np.zeros(pool_size, dtype=bool)
+        torch.distributed.all_gather_object(parts, (indices, columns))
+    out = {
+        name: np.zeros(pool_size, dtype=bool) if column.dtype == bool else np.full(pool_size, np.nan, dtype=np.float64)
+        for name, column in columns.items()
+    }
     seen = np.zeros(pool_size, dtype=np.int64)
-    for idx, n, v, f in parts:
-        out_norms[idx], out_u[idx], out_finite[idx] = n, v, f
+    for idx, part in parts:
+        for name, column in part.items():
+            out[name][idx] = column
         seen[idx] += 1
     if not (seen == 1).all():
         raise RuntimeError(f"valuation covered {int((seen == 0).sum())} pool indices 0 times and {int((seen > 1).sum())} more than once")
-    return out_norms, out_u, out_finite
+    return out
+
+
+def _read_column(source: Any, name: str) -> np.ndarray:
+    """A per-example store column; NaN where the source has none (a plain features folder)."""
+    return source.read_column(name) if hasattr(source, "read_column") else np.full(source.num_rows, np.nan, np.float32)
 
 
 def _pool_fingerprint(datamodule: Any) -> str:

@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 SAMPLING_MODES = ("softmax", "topk", "uniform")
-BUDGET_MODES = ("value", "size")
+BUDGET_MODES = ("value", "size", "value_size")
 
 
 @dataclass
@@ -240,18 +240,26 @@ def select_from_values(
     temperature: float = 1.0,
     seed: int = 0,
     budget_by: str = "value",
+    size_alpha: float = 0.5,
+    task_scores: Any = None,
 ) -> SelectionResult:
     """Budgets and sampling from already computed instance values (e.g. gathered from many processes).
 
-    ``budget_by="value"`` splits B by task value (TIVE); ``"size"`` by the tasks' finite sizes (the
-    proportional split of a random subset), for baselines and ablations.
+    ``budget_by="value"`` splits B by task value v(T) (TIVE); ``"size"`` by the tasks' finite sizes
+    (the proportional split of a random subset); ``"value_size"`` by ``v(T) * |T|**size_alpha``.
+    ``task_scores`` are the per-example numbers whose task mean is v(T) (default: the norms).
     """
     if budget_by not in BUDGET_MODES:
         raise ValueError(f"budget_by must be one of {BUDGET_MODES}, got {budget_by!r}")
+    if not (isinstance(size_alpha, (int, float)) and math.isfinite(size_alpha)):
+        raise ValueError(f"size_alpha must be a finite number, got {size_alpha!r}")
     names = _check_names(task_names)
     norm_arr = np.asarray(norms, dtype=np.float64).reshape(-1)
+    scores = norm_arr if task_scores is None else np.asarray(task_scores, dtype=np.float64).reshape(-1)
+    if scores.shape != norm_arr.shape:
+        raise ValueError(f"{scores.shape[0]} task scores for {norm_arr.shape[0]} norms")
     u = np.asarray(instance_vals, dtype=np.float64).reshape(-1)
-    finite = np.asarray(finite, dtype=bool).reshape(-1) & np.isfinite(norm_arr) & np.isfinite(u)
+    finite = np.asarray(finite, dtype=bool).reshape(-1) & np.isfinite(norm_arr) & np.isfinite(u) & np.isfinite(scores)
     n_rows = norm_arr.shape[0]
     if u.shape[0] != n_rows or finite.shape[0] != n_rows:
         raise ValueError(f"{n_rows} norms, {u.shape[0]} instance values and {finite.shape[0]} finite flags")
@@ -259,10 +267,11 @@ def select_from_values(
     budget = total_budget(n_rows, ratio)
     clock = time.perf_counter()
     tid = np.asarray(task_ids).astype(np.int64).reshape(-1)
-    stats: TaskStats = task_values(norm_arr, tid, len(names), finite)
+    stats: TaskStats = task_values(scores, tid, len(names), finite)
     timings = {"values_s": time.perf_counter() - clock}
     clock = time.perf_counter()
-    shares = stats.values if budget_by == "value" else stats.finite_counts.astype(np.float64)
+    counts = stats.finite_counts.astype(np.float64)
+    shares = {"value": stats.values, "size": counts, "value_size": stats.values * counts**size_alpha}[budget_by]
     budgets = allocate_budgets(budget, shares, names, exclude_tasks, stats.finite_counts)
     timings["budget_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
@@ -275,6 +284,7 @@ def select_from_values(
         "temperature": float(temperature),
         "seed": int(seed),
         "budget_by": budget_by,
+        **({"size_alpha": float(size_alpha)} if budget_by == "value_size" else {}),
     }, timings)
 
 

@@ -3,8 +3,10 @@
 Folder layout::
 
     meta.json        format, pool_size, proj_dim, dtype, chunk_size, num_chunks, extra settings
-    features.npy     [pool_size, proj_dim] float16 (or float32); row i = pool index i
+    features.npy     [pool_size, proj_dim] float16 (or float32); row i = store row i
     grad_norms.npy   [pool_size] float32; NaN marks an example whose gradient was not finite
+    losses.npy       [pool_size] float32 per-example loss under the reference model (NaN: not recorded)
+    tokens.npy       [pool_size] float32 supervised tokens per example (NaN: not recorded)
     done/NNNNNNNN    one empty marker per finished chunk
 
 Chunk ``c`` holds pool indices ``[c*chunk_size, min((c+1)*chunk_size, pool_size))``. A chunk's rows
@@ -31,7 +33,9 @@ import numpy as np
 __all__ = ["FeatureStore", "ShardedFeatures", "shard_indices", "write_shard_index"]
 
 FORMAT = "lightning_tive.features"
-VERSION = 1
+VERSION = 2
+# Per-example scalars stored beside the norms (name -> file), for baselines and diagnostics.
+COLUMNS = {"loss": "losses.npy", "tokens": "tokens.npy"}
 DTYPES = ("float16", "float32")
 FP16_MAX = float(np.finfo(np.float16).max)
 # Below this magnitude float16 is subnormal and keeps fewer than 10 significant bits.
@@ -119,6 +123,7 @@ class FeatureStore:
         else:
             self._create()
         self._offsets = (_data_offset(self.folder / self.FEATURES), _data_offset(self.folder / self.NORMS))
+        self._column_offsets = {name: _data_offset(self.folder / file) for name, file in COLUMNS.items()}
         self._warned_range = False
 
     @classmethod
@@ -149,6 +154,7 @@ class FeatureStore:
         for name, shape in (
             (self.FEATURES, (self.pool_size, self.proj_dim)),
             (self.NORMS, (self.pool_size,)),
+            *((file, (self.pool_size,)) for file in COLUMNS.values()),
         ):
             arr = np.load(self.folder / name, mmap_mode="r")
             if arr.shape != shape:
@@ -166,10 +172,10 @@ class FeatureStore:
             self.folder / self.FEATURES, mode="w+", dtype=self.dtype, shape=(self.pool_size, self.proj_dim)
         )
         del feats
-        norms = np.lib.format.open_memmap(
-            self.folder / self.NORMS, mode="w+", dtype=np.float32, shape=(self.pool_size,)
-        )
-        del norms
+        for file in (self.NORMS, *COLUMNS.values()):
+            column = np.lib.format.open_memmap(self.folder / file, mode="w+", dtype=np.float32, shape=(self.pool_size,))
+            column[:] = np.nan  # unwritten rows read as "not recorded"
+            del column
         # meta.json last: its presence means the files above are complete.
         _atomic_write_text(self.folder / self.META, json.dumps(self.meta, indent=2, sort_keys=True))
 
@@ -204,13 +210,21 @@ class FeatureStore:
         """Return True when every chunk has been written."""
         return not self.missing_chunks()
 
-    def write_chunk(self, chunk_id: int, indices: Sequence[int] | Any, features: Any, norms: Any) -> None:
-        """Write chunk ``chunk_id``: rows ``features`` [n, proj_dim] and ``norms`` [n] for pool ``indices``."""
+    def write_chunk(
+        self, chunk_id: int, indices: Sequence[int] | Any, features: Any, norms: Any, columns: dict | None = None
+    ) -> None:
+        """Write chunk ``chunk_id``: ``features`` [n, proj_dim], ``norms`` [n] and ``columns`` [n] for ``indices``."""
         start, stop = self.chunk_range(chunk_id)
         idx = _to_numpy(indices).astype(np.int64).reshape(-1)
         feats = _to_numpy(features)
         nrm = _to_numpy(norms).astype(np.float32).reshape(-1)
         n = stop - start
+        unknown = sorted(set(columns or {}) - set(COLUMNS))
+        if unknown:
+            raise ValueError(f"unknown store column(s) {unknown}; known: {sorted(COLUMNS)}")
+        cols = {name: _to_numpy(v).astype(np.float32).reshape(-1) for name, v in (columns or {}).items()}
+        if any(c.shape != (n,) for c in cols.values()):
+            raise ValueError(f"chunk {chunk_id}: every column needs {n} values, got {[c.shape for c in cols.values()]}")
         if idx.shape[0] != n or not np.array_equal(np.sort(idx), np.arange(start, stop)):
             raise ValueError(f"chunk {chunk_id} must hold exactly pool indices [{start}, {stop}), each once")
         if feats.shape != (n, self.proj_dim) or nrm.shape != (n,):
@@ -221,6 +235,7 @@ class FeatureStore:
         if not np.array_equal(idx, np.arange(start, stop)):
             order = np.argsort(idx, kind="stable")
             feats, nrm = feats[order], nrm[order]
+            cols = {name: c[order] for name, c in cols.items()}
         if self.dtype == np.float16 and feats.dtype.itemsize > 2:
             self._check_fp16_range(feats, nrm)
         row_bytes = self.proj_dim * self.dtype.itemsize
@@ -245,6 +260,14 @@ class FeatureStore:
         window[:] = nrm
         window.flush()
         del window
+        for name, values in cols.items():
+            window = np.memmap(
+                self.folder / COLUMNS[name], dtype=np.float32, mode="r+",
+                offset=self._column_offsets[name] + start * 4, shape=(n,),
+            )
+            window[:] = values
+            window.flush()
+            del window
         self._marker(chunk_id).touch()
 
     def _check_fp16_range(self, feats: np.ndarray, norms: np.ndarray) -> None:
@@ -271,6 +294,14 @@ class FeatureStore:
         """Return all gradient norms as a float32 array [pool_size] (NaN = not finite)."""
         with open(self.folder / self.NORMS, "rb") as f:
             f.seek(self._offsets[1])
+            return np.fromfile(f, dtype=np.float32, count=self.pool_size)
+
+    def read_column(self, name: str) -> np.ndarray:
+        """Return a per-example column (`loss`, `tokens`) as float32 [pool_size] (NaN = not recorded)."""
+        if name not in COLUMNS:
+            raise ValueError(f"unknown store column {name!r}; known: {sorted(COLUMNS)}")
+        with open(self.folder / COLUMNS[name], "rb") as f:
+            f.seek(self._column_offsets[name])
             return np.fromfile(f, dtype=np.float32, count=self.pool_size)
 
     def iter_blocks(
@@ -374,6 +405,10 @@ class ShardedFeatures:
     def read_norms(self) -> np.ndarray:
         """Gradient norms in shard order (pair them with `indices`)."""
         return np.concatenate([store.read_norms() for store in self.stores])
+
+    def read_column(self, name: str) -> np.ndarray:
+        """A per-example column in shard order (pair it with `indices`)."""
+        return np.concatenate([store.read_column(name) for store in self.stores])
 
     def iter_blocks(
         self, block_rows: int = 8192, start: int = 0, stop: int | None = None, reuse_buffer: bool = False

@@ -161,3 +161,26 @@ def test_float16_range_problems_warn(tmp_path, row, warns):
         warnings.simplefilter("always")
         store.write_chunk(0, np.arange(2), feats, np.ones(2))
     assert any("float16" in str(w.message) for w in caught) == warns
+
+
+def test_columns_land_at_their_pool_index_and_unwritten_rows_read_nan(tmp_path):
+    feats, norms = pool_rows()
+    loss = np.arange(POOL, dtype=np.float32) / 10
+    tokens = np.arange(POOL, dtype=np.float32) + 3
+    store = FeatureStore(tmp_path, POOL, DIM, chunk_size=CHUNK)
+    rng = np.random.default_rng(2)
+    for c in (2, 0, 4, 1):  # chunk 3 never written
+        start, stop = store.chunk_range(c)
+        idx = rng.permutation(np.arange(start, stop))
+        store.write_chunk(c, idx, feats[idx], norms[idx], columns={"loss": loss[idx], "tokens": tokens[idx]})
+    written = np.ones(POOL, dtype=bool)
+    written[15:20] = False
+    reopened = FeatureStore.open(tmp_path)
+    for name, want in (("loss", loss), ("tokens", tokens)):
+        got = reopened.read_column(name)
+        np.testing.assert_array_equal(got[written], want[written])
+        assert np.isnan(got[~written]).all()
+    with pytest.raises(ValueError, match="unknown store column"):
+        store.write_chunk(3, np.arange(15, 20), feats[15:20], norms[15:20], columns={"perplexity": loss[15:20]})
+    with pytest.raises(ValueError, match="every column needs 5 values"):
+        store.write_chunk(3, np.arange(15, 20), feats[15:20], norms[15:20], columns={"loss": loss[:3]})
