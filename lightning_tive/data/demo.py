@@ -143,7 +143,7 @@ class DemoConfig:
     seed: int = 0
     image_size: int = 64
     train_sizes: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_TRAIN_SIZES))
-    val_size: int = 50
+    val_size: int = 100
     # A mixture (DemoConfig fields; {} is the default one) whose images this one must not contain:
     # the stage-1 caption pool is drawn disjoint from the stage-2 pool and its held-out split.
     disjoint_from: dict | None = None
@@ -580,7 +580,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="target folder; default: the cache")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--val-size", type=int, default=50)
+    parser.add_argument("--val-size", type=int, default=100)
     args = parser.parse_args(argv)
     config = DemoConfig(seed=args.seed, image_size=args.image_size, val_size=args.val_size)
     paths = generate_demo(args.out, config) if args.out else ensure_demo(config)
