@@ -22,14 +22,19 @@ class TiveCLI(LightningCLI):
         parser.add_lightning_class_args(TIVESelectionCallback, "tive")
 
 
-def run_cli(args: list[str] | None = None) -> TiveCLI:
-    """Run `fit` / `validate` / `test` from the command line or a list of arguments."""
+def run_cli(args: list[str] | dict | None = None, run: bool = True) -> TiveCLI:
+    """Run `fit` / `validate` / `test` from the command line or a list of arguments.
+
+    With `run=False` the arguments hold no subcommand, and the trainer, module and datamodule are
+    only built (as scripts that drive them do).
+    """
     return TiveCLI(
         LlavaModule,
         LlavaDataModule,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
 
 

@@ -1,101 +1,142 @@
-"""The demo experiment: does a TIVE subset match full-data training, and what does a run cost?
+"""The demo experiment under the protocol written at the top of docs/results.md.
 
-Every arm trains the same tiny LLaVA on the demo mixture for the same number of epochs (the paper's
-protocol: the subset run is cheaper), then is scored on the held-out split:
+One stage-1 run (caption alignment, `configs/demo_stage1.yaml`), then, for every seed, every arm
+built with `TiveCLI(..., run=False)` from `configs/demo.yaml` plus overrides and started from the
+stage-1 checkpoint; then the equal-compute arms. Writes docs/results.md (the protocol above its
+`## Results` heading and the reading below its marker are kept), docs/results.png and
+docs/results.json; the last line printed is a JSON summary.
 
-  full            all 4,350 examples
-  random          15%, task shares by size, uniform inside tasks
-  tive            15%, TIVE (task values + instance values)
-  tive_uniform    ablation: task values, uniform inside tasks
-  instance_only   ablation: task shares by size, instance values inside tasks
-  gradnorm        baseline: the largest gradient norms (GraNd-like)
-  length          baseline: the longest responses
-
-plus a sweep of TIVE's temperature, sampling and projector on the first seed. Gradient-based arms
-reuse the features of the seed's TIVE run (`tive.features_from`), so the warm-up and valuation they
-rely on are counted once, as the TIVE run's. Writes docs/results.md and docs/results.png.
-
-    python scripts/experiment.py            # 3 seeds, 6 epochs (about 30-40 minutes on 2 CPU cores)
-    python scripts/experiment.py --quick    # 1 seed, smaller pool, 2 epochs (a few minutes)
+    python scripts/experiment.py                      # the protocol: 5 seeds (~60-90 min on 2 cores)
+    python scripts/experiment.py --quick              # a tiny pool, 1 seed, 1 epoch: minutes; writes to --work
+    python scripts/experiment.py --demo-sizes '{"color": 600, "text": 200}' --seeds 0 1 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = ("full", "random", "tive", "tive_uniform", "instance_only", "gradnorm", "length")
-SWEEP = {
-    "tive T=0.05": {"temperature": 0.05},
-    "tive T=1000 (authors)": {"temperature": 1000.0},
-    "tive topk": {"sampling": "topk"},
-    "tive rademacher": {"projector": "rademacher"},
-}
+ARMS = (
+    "full", "random", "tive", "tive_uniform", "instance_only", "gradnorm", "length", "perplexity", "size_aware",
+    "length_normalised",
+)
+# Arms that re-select from the seed's `tive` features instead of warming up and valuing again.
+REUSES_FEATURES = ("tive_uniform", "instance_only", "gradnorm", "perplexity", "size_aware", "length_normalised")
+EQUAL_STEPS = ("random", "tive", "size_aware")
+RESULTS_HEADING = "## Results"
 READING_MARK = "<!-- reading: kept across reruns -->"
 CHANCE = {"color": 1 / 8, "shape": 1 / 5, "count": 1 / 5, "spatial": 1 / 2, "choice": 1 / 4}
+# Two-sided 95% Student t quantiles by degrees of freedom (no scipy needed).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+NEVER = 100_000  # check_val_every_n_epoch: no validation inside fit; one pass after it
 
 
-def demo_settings() -> dict:
-    """configs/demo.yaml, so the experiment trains exactly what the demo trains."""
-    return yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+def overlay(folder: Path, text: str) -> str:
+    """Write a YAML overlay into the arm's folder and return its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "overlay.yaml"
+    path.write_text(text)
+    return str(path)
 
 
-def run_arm(arm: str, seed: int, epochs: int, work: Path, demo_sizes: dict | None, tive_overrides: dict,
-            features_from: str | None) -> dict:
-    """Train one arm and score it on the held-out split; returns metrics and seconds per phase."""
+def demo_yaml(sizes: dict | None, val_size: int | None) -> str:
+    """The `data.demo` block for a mixture override (empty when the defaults apply)."""
+    fields = {}
+    if sizes:
+        fields["train_sizes"] = sizes
+    if val_size is not None:
+        fields["val_size"] = val_size
+    return json.dumps(fields)
+
+
+def run_stage1(work: Path, args: argparse.Namespace) -> tuple[Path, float]:
+    """Stage 1 once (skipped when its checkpoint exists); returns the checkpoint and its seconds."""
+    from lightning_tive.cli import run_cli
+
+    folder = work / "stage1"
+    ckpt = folder / "checkpoints" / "stage1.ckpt"
+    if ckpt.is_file():
+        return ckpt, 0.0
+    epochs = 1 if args.quick else 6
+    align = {"align": 200 if args.quick else 4000}
+    stage2 = json.loads(demo_yaml(args.sizes, args.val_size))
+    text = f"""
+trainer:
+  logger: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  max_epochs: {epochs}
+  check_val_every_n_epoch: {NEVER}
+  default_root_dir: {folder}
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{dirpath: {folder / "checkpoints"}, filename: stage1, every_n_epochs: {epochs}, save_top_k: -1,
+                  save_on_train_epoch_end: true}}
+data:
+  demo: {{train_sizes: {json.dumps(align)}, val_size: 10, disjoint_from: {json.dumps(stage2)}}}
+  output_dir: {folder}
+"""
+    cli = run_cli(["--config", str(ROOT / "configs" / "demo_stage1.yaml"), "--config", overlay(folder, text)], run=False)
+    clock = time.perf_counter()
+    cli.trainer.fit(cli.model, cli.datamodule)
+    return ckpt, time.perf_counter() - clock
+
+
+def run_arm(arm: str, seed: int, folder: Path, ckpt: Path, args: argparse.Namespace, features_from: str | None = None,
+            max_steps: int | None = None) -> dict:
+    """Train one arm from the stage-1 start and score it on the held-out split."""
     import lightning as L
 
-    from lightning_tive.callback import ReferenceLora, TIVESelectionCallback
-    from lightning_tive.data.datamodule import LlavaDataModule
-    from lightning_tive.data.demo import DemoConfig
-    from lightning_tive.model import LlavaModule, TinyLlavaConfig, WarmupCosineLR
+    from lightning_tive.callback import TIVESelectionCallback
+    from lightning_tive.cli import run_cli
 
-    cfg = demo_settings()
+    steps = f"max_steps: {max_steps}\n  max_epochs: -1" if max_steps else f"max_epochs: {args.epochs}"
+    strategy = "tive" if arm == "full" else arm
+    text = f"""
+seed_everything: {seed}
+trainer:
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  callbacks: []
+  {steps}
+  check_val_every_n_epoch: {NEVER}
+  default_root_dir: {folder}
+model:
+  init_from: {ckpt}
+data:
+  demo: {demo_yaml(args.sizes, args.val_size)}
+  max_val_per_task: null
+  output_dir: {folder}
+tive:
+  enabled: {"false" if arm == "full" else "true"}
+  strategy: {strategy}
+  seed: {seed}
+  output_dir: {folder / "tive"}
+  features_from: {features_from or "null"}
+"""
     L.seed_everything(seed, verbose=False)
-    opt = cfg["model"]["optimizer"]["init_args"]
-    module = LlavaModule(
-        tiny=TinyLlavaConfig(), tokenizer="demo", finetune=cfg["model"]["finetune"], init_seed=seed,
-        optimizer=lambda params: __import__("torch").optim.AdamW(params, lr=opt["lr"], weight_decay=opt["weight_decay"]),
-        lr_scheduler=lambda o, n: WarmupCosineLR(o, n, **cfg["model"]["lr_scheduler"]["init_args"]),
-        val_max_new_tokens=cfg["model"]["val_max_new_tokens"],
-    )
-    data = dict(cfg["data"])
-    data.pop("demo", None)
-    data["output_dir"] = str(work)
-    demo = DemoConfig(train_sizes=demo_sizes) if demo_sizes else DemoConfig()
-    dm = LlavaDataModule(demo=demo, **data)
-    tive_cfg = dict(cfg["tive"])
-    tive_cfg.update(
-        enabled=arm != "full", strategy=arm if arm in ARMS and arm != "full" else "tive", seed=seed,
-        output_dir=str(work / "tive"), features_from=features_from,
-        reference_lora=ReferenceLora(**tive_cfg["reference_lora"]),
-    )
-    tive_cfg.update(tive_overrides)
-    callback = TIVESelectionCallback(**tive_cfg)
-    trainer = L.Trainer(
-        accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, check_val_every_n_epoch=epochs,
-        default_root_dir=str(work), callbacks=[callback],
-    )
+    cli = run_cli(["--config", str(ROOT / "configs" / "demo.yaml"), "--config", overlay(folder, text)], run=False)
     clock = time.perf_counter()
-    trainer.fit(module, dm)
+    cli.trainer.fit(cli.model, cli.datamodule)
     fit_s = time.perf_counter() - clock
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    phases = dict(callback.summary.get("timings_s", {})) if arm != "full" else {}
-    selection_total = sum(phases.get(k, 0.0) for k in ("warmup_s", "valuation_s", "selection_s"))
+    metrics = {k: float(v) for k, v in cli.trainer.validate(cli.model, cli.datamodule, verbose=False)[0].items()}
+    callback = next(c for c in cli.trainer.callbacks if isinstance(c, TIVESelectionCallback))
+    phases = callback.summary.get("timings_s", {}) if arm != "full" else {}
+    seconds = {k: float(phases.get(k, 0.0)) for k in ("warmup_s", "valuation_s", "selection_s")}
+    seconds["training_s"] = fit_s - sum(seconds.values())
     return {
-        "arm": arm, "seed": seed, "metrics": metrics, "train_examples": len(dm.train_indices),
-        "warmup_s": phases.get("warmup_s", 0.0), "valuation_s": phases.get("valuation_s", 0.0),
-        "selection_s": phases.get("selection_s", 0.0), "training_s": fit_s - selection_total,
-        "tasks": callback.summary.get("tasks", []),
+        "arm": arm, "seed": seed, "metrics": metrics, "seconds": seconds, "steps": int(cli.trainer.global_step),
+        "train_examples": int(len(cli.datamodule.train_indices)), "tasks": callback.summary.get("tasks", []),
     }
 
 
@@ -115,188 +156,224 @@ def relative(scores: dict, full: dict) -> float:
     return 100.0 * float(np.mean(ratios)) if ratios else float("nan")
 
 
-def summarise(runs: list[dict], arms: list[str]) -> dict:
-    """Per arm: per-task mean/std scores, relative performance mean/std, seconds per phase."""
-    full_by_seed = {r["seed"]: task_scores(r["metrics"]) for r in runs if r["arm"] == "full"}
-    out = {}
-    for arm in arms:
-        mine = [r for r in runs if r["arm"] == arm]
-        if not mine:
-            continue
-        per_task = {}
-        for task in sorted({t for r in mine for t in task_scores(r["metrics"])}):
-            vals = [task_scores(r["metrics"]).get(task, np.nan) for r in mine]
-            per_task[task] = (float(np.nanmean(vals)), float(np.nanstd(vals)))
-        rel = [relative(task_scores(r["metrics"]), full_by_seed[r["seed"]]) for r in mine if r["seed"] in full_by_seed]
-        out[arm] = {
-            "per_task": per_task,
-            "relative": (float(np.mean(rel)), float(np.std(rel))) if rel else (float("nan"), float("nan")),
-            "seconds": {k: float(np.mean([r[k] for r in mine])) for k in ("warmup_s", "valuation_s", "selection_s", "training_s")},
+def interval(diffs: list[float]) -> tuple[float, float, float]:
+    """Mean and 95% t-interval of paired differences."""
+    d = np.asarray(diffs, dtype=np.float64)
+    mean = float(d.mean())
+    if len(d) < 2:
+        return mean, float("nan"), float("nan")
+    half = T95.get(len(d) - 1, 1.96) * float(d.std(ddof=1)) / math.sqrt(len(d))
+    return mean, mean - half, mean + half
+
+
+def summarise(runs: list[dict], seeds: list[int]) -> dict:
+    """results.json's `arms`: per arm, relative and task scores per seed, mean seconds; paired differences."""
+    full = {r["seed"]: task_scores(r["metrics"]) for r in runs if r["arm"] == "full"}
+    arms: dict = {}
+    for name in dict.fromkeys(r["name"] for r in runs):
+        mine = sorted((r for r in runs if r["name"] == name), key=lambda r: r["seed"])
+        tasks = sorted({t for r in mine for t in task_scores(r["metrics"])})
+        arms[name] = {
+            "seeds": [r["seed"] for r in mine],
+            "relative": [relative(task_scores(r["metrics"]), full[r["seed"]]) for r in mine],
+            "scores": {t: [task_scores(r["metrics"]).get(t, float("nan")) for r in mine] for t in tasks},
+            "seconds": {k: float(np.mean([r["seconds"][k] for r in mine])) for k in mine[0]["seconds"]},
             "train_examples": mine[0]["train_examples"],
-            "seeds": len(mine),
-            "tasks": mine[0]["tasks"],
+            "steps": float(np.mean([r["steps"] for r in mine])),
         }
-    return out
+    for name, entry in arms.items():
+        base = "random_equal_steps" if name.endswith("_equal_steps") else "random"
+        if name in (base, "full") or base not in arms:
+            continue
+        theirs = dict(zip(arms[base]["seeds"], arms[base]["relative"], strict=True))
+        diffs = [v - theirs[s] for s, v in zip(entry["seeds"], entry["relative"], strict=True) if s in theirs]
+        mean, low, high = interval(diffs)
+        entry["minus_random"] = {"per_seed": diffs, "mean": mean, "ci95": [low, high], "against": base}
+    return arms
 
 
-def write_results(summary: dict, sweep: dict, args: argparse.Namespace, out_dir: Path, wall_s: float) -> None:
-    """docs/results.md and docs/results.png."""
+def fmt(values: list[float]) -> str:
+    """mean ± std over seeds."""
+    v = np.asarray(values, dtype=np.float64)
+    return f"{np.nanmean(v):.3f} ± {np.nanstd(v):.3f}" if len(v) else "–"
+
+
+def write_results(out: Path, arms: dict, meta: dict) -> None:
+    """docs/results.md (protocol and reading kept), results.png and results.json."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms = [a for a in summary]
-    tasks = sorted({t for a in arms for t in summary[a]["per_task"]})
+    payload = {"protocol": meta["protocol"], "seeds": meta["seeds"], "arms": arms, "wall_min": meta["wall_min"]}
+    (out / "results.json").write_text(json.dumps(_json_safe(payload), indent=1) + "\n")
+    tasks = sorted({t for a in arms.values() for t in a["scores"]})
     lines = [
-        "# The demo experiment: TIVE against full data, random, ablations and baselines",
-        "",
-        f"Produced by `python scripts/experiment.py{' --quick' if args.quick else ''}` "
-        f"({len(args.seeds)} seed(s): {args.seeds}; {args.epochs} epochs for every arm; wall time {wall_s / 60:.1f} min "
-        "on this 2-core CPU). Numbers are mean ± std over seeds; scores are held-out exact-match accuracy "
-        "(short answers) or token F1 (caption, conversation), up to 50 held-out examples per task.",
-        "",
-        "## Held-out score per task",
-        "",
-        "| arm | examples | " + " | ".join(tasks) + " | relative to full (%) |",
-        "|---|---|" + "---|" * len(tasks) + "---|",
-    ]
-    for arm in arms:
-        s = summary[arm]
-        cells = [f"{s['per_task'][t][0]:.3f} ± {s['per_task'][t][1]:.3f}" if t in s["per_task"] else "–" for t in tasks]
-        rel = s["relative"]
-        lines.append(f"| {arm} | {s['train_examples']} | " + " | ".join(cells) + f" | {rel[0]:.1f} ± {rel[1]:.1f} |")
-    lines += [
-        "",
-        "Chance levels for the short-answer tasks: " + ", ".join(f"{t} {c:.2f}" for t, c in CHANCE.items()) + ". "
-        "'Relative to full' averages score/full-data score over the tasks the full-data model scores above 0 on.",
-        "",
-        "## Cost per arm (seconds, mean over seeds)",
-        "",
-        "| arm | warm-up | valuation | selection | training | total | total / full |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    full_total = sum(summary["full"]["seconds"].values()) if "full" in summary else float("nan")
-    for arm in arms:
-        sec = summary[arm]["seconds"]
-        total = sum(sec.values())
-        lines.append(
-            f"| {arm} | {sec['warmup_s']:.0f} | {sec['valuation_s']:.0f} | {sec['selection_s']:.2f} | "
-            f"{sec['training_s']:.0f} | {total:.0f} | {total / full_total:.2f} |"
-        )
-    lines += [
-        "",
-        "Gradient-based arms other than `tive` re-select from the TIVE run's features; their warm-up and "
-        "valuation columns show that shared cost (paid once per seed).",
-        "",
-        "## Task budgets chosen by TIVE (first seed)",
-        "",
-        "| task | size | task value | budget | share of pool | share of budget |",
+        RESULTS_HEADING, "",
+        f"Produced by `python scripts/experiment.py {meta['command']}` in {meta['wall_min']:.1f} min on this 2-core CPU "
+        f"({meta['threads']} torch thread(s)); seeds {meta['seeds']}; {meta['epochs']} epochs per arm; "
+        f"{meta['held_out']} held-out examples per task. Mean ± std over seeds.", "",
+        "### Relative score and the paired difference to random", "",
+        "| arm | examples | optimizer steps | relative to full (%) | arm − random (points) | 95% interval |",
         "|---|---|---|---|---|---|",
     ]
-    if "tive" in summary:
-        rows = summary["tive"]["tasks"]
-        pool = sum(r["size"] for r in rows)
-        budget = sum(r["budget"] for r in rows)
-        for r in rows:
-            lines.append(
-                f"| {r['task']} | {r['size']} | {r['task_value']:.3f} | {r['budget']} | "
-                f"{r['size'] / pool:.3f} | {r['budget'] / max(budget, 1):.3f} |"
-            )
-    if sweep:
-        lines += ["", "## Sweep on the first seed (TIVE settings)", "", "| setting | relative to full (%) | avg score |", "|---|---|---|"]
-        for name, entry in sweep.items():
-            lines.append(f"| {name} | {entry['relative']:.1f} | {entry['avg']:.3f} |")
-    reading = ""
-    previous = out_dir / "results.md"
-    if previous.exists() and READING_MARK in previous.read_text():
-        # The written interpretation is kept across reruns; only the measured tables are regenerated.
-        reading = previous.read_text().split(READING_MARK, 1)[1]
-    previous.write_text("\n".join(lines) + "\n\n" + READING_MARK + (reading or "\n## Reading\n\n(to be written)\n"))
+    for name, a in arms.items():
+        diff = a.get("minus_random")
+        cells = ("", "")
+        if diff:
+            low, high = diff["ci95"]
+            cells = (f"{diff['mean']:+.1f}", f"[{low:+.1f}, {high:+.1f}]" if math.isfinite(low) else "– (one seed)")
+        rel = np.asarray(a["relative"])
+        lines.append(f"| {name} | {a['train_examples']} | {a['steps']:.0f} | {rel.mean():.1f} ± {rel.std():.1f} | "
+                     f"{cells[0]} | {cells[1]} |")
+    lines += [
+        "", "`*_equal_steps` arms train as many optimizer steps as `full`; their difference is to "
+        "`random_equal_steps`. Relative: mean over tasks of score / full's score on the same seed.", "",
+        "### Held-out score per task", "",
+        "| arm | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks),
+    ]
+    for name, a in arms.items():
+        lines.append(f"| {name} | " + " | ".join(fmt(a["scores"].get(t, [])) for t in tasks) + " |")
+    lines += [
+        "", "Chance levels: " + ", ".join(f"{t} {c:.2f}" for t, c in CHANCE.items()) + "; `caption`, `conversation` "
+        "are token F1, the others exact-match accuracy.", "",
+        "### Cost per arm (seconds, mean over seeds)", "",
+        "| arm | warm-up | valuation | selection | training | total | total / full |", "|---|---|---|---|---|---|---|",
+    ]
+    full_total = sum(arms["full"]["seconds"].values()) if "full" in arms else float("nan")
+    for name, a in arms.items():
+        sec = a["seconds"]
+        total = sum(sec.values())
+        lines.append(f"| {name} | {sec['warmup_s']:.1f} | {sec['valuation_s']:.1f} | {sec['selection_s']:.2f} | "
+                     f"{sec['training_s']:.1f} | {total:.1f} | {total / full_total:.2f} |")
+    lines += ["", f"Stage 1 (once): {meta['stage1_s']:.0f} s. Arms that re-select from `tive`'s features show its "
+              "warm-up and valuation (paid once per seed).", ""]
+    if meta.get("budgets"):
+        lines += ["### Task budgets chosen by TIVE (first seed)", "",
+                  "| task | size | task value | budget | share of pool | share of budget |", "|---|---|---|---|---|---|"]
+        pool = sum(r["size"] for r in meta["budgets"])
+        budget = max(sum(r["budget"] for r in meta["budgets"]), 1)
+        for r in meta["budgets"]:
+            lines.append(f"| {r['task']} | {r['size']} | {r['task_value']:.3f} | {r['budget']} | {r['size'] / pool:.3f} | "
+                         f"{r['budget'] / budget:.3f} |")
+    path = out / "results.md"
+    previous = path.read_text() if path.exists() else ""
+    protocol = previous.split(RESULTS_HEADING, 1)[0] if RESULTS_HEADING in previous else previous
+    reading = previous.split(READING_MARK, 1)[1] if READING_MARK in previous else "\n## Reading\n\n(to be written)\n"
+    path.write_text(protocol + "\n".join(lines) + "\n\n" + READING_MARK + reading)
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), constrained_layout=True)
-    rel_mean = [summary[a]["relative"][0] for a in arms]
-    rel_std = [summary[a]["relative"][1] for a in arms]
-    axes[0].bar(arms, rel_mean, yerr=rel_std, capsize=4, color=["gray" if a == "full" else "tab:blue" for a in arms])
+    names = list(arms)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.8), constrained_layout=True)
+    means = [np.mean(arms[n]["relative"]) for n in names]
+    stds = [np.std(arms[n]["relative"]) for n in names]
+    colors = ["gray" if n == "full" else "tab:orange" if n.endswith("_equal_steps") else "tab:blue" for n in names]
+    axes[0].bar(names, means, yerr=stds, capsize=3, color=colors)
     axes[0].axhline(100, color="black", lw=0.8, ls="--")
     axes[0].set_ylabel("held-out score, % of full data")
-    axes[0].set_title("relative performance per arm")
-    axes[0].tick_params(axis="x", rotation=30)
-    bottom = np.zeros(len(arms))
-    for key, label in (("warmup_s", "warm-up"), ("valuation_s", "valuation"), ("selection_s", "selection"), ("training_s", "training")):
-        vals = np.array([summary[a]["seconds"][key] for a in arms])
-        axes[1].bar(arms, vals, bottom=bottom, label=label)
-        bottom += vals
-    axes[1].set_ylabel("seconds")
-    axes[1].set_title("wall time per arm")
-    axes[1].legend()
-    axes[1].tick_params(axis="x", rotation=30)
-    fig.savefig(out_dir / "results.png", dpi=110)
+    axes[0].set_title("relative score (blue: equal epochs, orange: equal steps)")
+    axes[0].tick_params(axis="x", rotation=45)
+    paired = [n for n in names if "minus_random" in arms[n]]
+    mid = [arms[n]["minus_random"]["mean"] for n in paired]
+    err = np.array([[m - arms[n]["minus_random"]["ci95"][0], arms[n]["minus_random"]["ci95"][1] - m] for n, m in zip(paired, mid, strict=True)]).T
+    axes[1].errorbar(range(len(paired)), mid, yerr=np.nan_to_num(err), fmt="o", capsize=4)
+    axes[1].axhline(0, color="black", lw=0.8)
+    axes[1].set_xticks(range(len(paired)), paired, rotation=45)
+    axes[1].set_ylabel("arm − random, relative points (95% interval)")
+    axes[1].set_title("paired difference to random")
+    fig.savefig(out / "results.png", dpi=110)
     plt.close(fig)
 
 
-def main() -> None:
-    """Run every arm over the seeds, then the sweep, then write the results."""
+def main(argv: list[str] | None = None) -> dict:
+    """Stage 1, every arm for every seed, the equal-compute arms, then the results files."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 seed, a 30%% pool, 2 epochs")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--equal-steps-seeds", type=int, default=3, help="how many of the seeds run the equal-compute arms")
     parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--demo-sizes", default=None, help="JSON task -> training size (another mixture)")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--quick", action="store_true", help="a tiny pool, 1 seed, 1 epoch (checks the script)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is safe on a shared machine)")
     parser.add_argument("--work", default="runs/experiment", help="scratch folder for the runs")
-    parser.add_argument("--out", default=None, help="where results.md / results.png go (default: docs/, or --work with --quick)")
-    parser.add_argument("--no-sweep", action="store_true")
-    args = parser.parse_args()
-    sizes = None
+    parser.add_argument("--out", default=None, help="where results.* go (default: docs/, or --work with --quick)")
+    args = parser.parse_args(argv)
+    args.sizes = json.loads(args.demo_sizes) if args.demo_sizes else None
+    args.val_size = None
     if args.quick:
-        from lightning_tive.data.demo import DEFAULT_TRAIN_SIZES
+        args.seeds, args.epochs, args.equal_steps_seeds = args.seeds[:1], 1, 1
+        args.sizes = args.sizes or {t: 12 for t in ("color", "shape", "count", "spatial", "choice", "caption", "ocr", "text", "conversation")}
+        args.val_size = 4
+    import torch
 
-        args.seeds, args.epochs = args.seeds[:1], 2
-        sizes = {t: max(4, int(round(0.3 * n))) for t, n in DEFAULT_TRAIN_SIZES.items()}
+    torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("WANDB_MODE", "disabled")
     work = Path(args.work)
     started = time.perf_counter()
-    runs = []
+    ckpt, stage1_s = run_stage1(work, args)
+    runs: list[dict] = []
+
+    def record(result: dict, name: str) -> None:
+        result["name"] = name
+        runs.append(result)
+        print(json.dumps({k: v for k, v in result.items() if k not in ("tasks", "metrics")}), flush=True)
+
     for seed in args.seeds:
         base = work / f"seed{seed}"
-        tive_run = run_arm("tive", seed, args.epochs, base / "tive", sizes, {}, None)
-        runs.append(tive_run)
-        features = str(base / "tive" / "tive" / "features")
-        for arm in ARMS:
+        features = None
+        for arm in [a for a in args.arms if a not in REUSES_FEATURES] + [a for a in args.arms if a in REUSES_FEATURES]:
+            reuse = features if arm in REUSES_FEATURES else None
+            if arm in REUSES_FEATURES and reuse is None:
+                raise SystemExit(f"arm {arm} re-selects from tive's features: include `tive` in --arms")
+            result = run_arm(arm, seed, base / arm, ckpt, args, features_from=reuse)
             if arm == "tive":
-                continue
-            needs = arm in ("tive_uniform", "instance_only", "gradnorm")
-            result = run_arm(arm, seed, args.epochs, base / arm, sizes, {}, features if needs else None)
-            if needs:  # the features it re-selected from cost the TIVE run's warm-up and valuation
-                result["warmup_s"], result["valuation_s"] = tive_run["warmup_s"], tive_run["valuation_s"]
-            runs.append(result)
-            print(json.dumps({k: v for k, v in result.items() if k not in ("tasks",)}), flush=True)
-        print(json.dumps({k: v for k, v in tive_run.items() if k != "tasks"}), flush=True)
-    summary = summarise(runs, list(ARMS))
-    sweep = {}
-    if not args.no_sweep:
-        seed = args.seeds[0]
-        full = task_scores(next(r for r in runs if r["arm"] == "full" and r["seed"] == seed)["metrics"])
-        for name, overrides in SWEEP.items():
-            reuse = None if "projector" in overrides else str(work / f"seed{seed}" / "tive" / "tive" / "features")
-            folder = work / f"seed{seed}" / ("sweep-" + name.replace(" ", "_").replace("=", "").replace("(", "").replace(")", ""))
-            result = run_arm("tive", seed, args.epochs, folder, sizes, overrides, reuse)
-            scores = task_scores(result["metrics"])
-            sweep[name] = {"relative": relative(scores, full), "avg": float(np.mean(list(scores.values())))}
-            print(json.dumps({"sweep": name, **sweep[name]}), flush=True)
-        default = task_scores(next(r for r in runs if r["arm"] == "tive" and r["seed"] == seed)["metrics"])
-        sweep = {"tive T=1 softmax kronecker (default)": {"relative": relative(default, full),
-                                                          "avg": float(np.mean(list(default.values())))}, **sweep}
-    wall = time.perf_counter() - started
+                features = str(base / "tive" / "tive" / "features")
+                tive_phases = {k: result["seconds"][k] for k in ("warmup_s", "valuation_s")}
+            if reuse:
+                result["seconds"].update(tive_phases)  # the shared warm-up and valuation they rely on
+            record(result, arm)
+    if "full" in args.arms:
+        for seed in args.seeds[: args.equal_steps_seeds]:
+            base = work / f"seed{seed}"
+            steps = next(r["steps"] for r in runs if r["arm"] == "full" and r["seed"] == seed)
+            features = str(base / "tive" / "tive" / "features")
+            for arm in (a for a in EQUAL_STEPS if a in args.arms):
+                reuse = features if arm in REUSES_FEATURES or arm == "tive" else None
+                result = run_arm(arm, seed, base / f"{arm}_equal_steps", ckpt, args, features_from=reuse, max_steps=steps)
+                if reuse:
+                    first = next(r for r in runs if r["arm"] == "tive" and r["seed"] == seed)
+                    result["seconds"].update({k: first["seconds"][k] for k in ("warmup_s", "valuation_s")})
+                record(result, f"{arm}_equal_steps")
+    wall = (time.perf_counter() - started) / 60
+    arms = summarise(runs, args.seeds)
     out = Path(args.out) if args.out else (work if args.quick else ROOT / "docs")
     out.mkdir(parents=True, exist_ok=True)
-    write_results(summary, sweep, args, out, wall)
-    (work / "experiment.json").write_text(json.dumps({"runs": runs, "sweep": sweep}, indent=1, default=float))
-    final = {arm: round(summary[arm]["relative"][0], 2) for arm in summary}
-    final["tive_total_s_vs_full"] = round(
-        sum(summary["tive"]["seconds"].values()) / max(sum(summary["full"]["seconds"].values()), 1e-9), 3
-    )
-    final["wall_min"] = round(wall / 60, 1)
-    print(json.dumps(final))
+    first_tive = next((r for r in runs if r["arm"] == "tive"), None)
+    protocol = {"epochs": args.epochs, "equal_steps_seeds": args.seeds[: args.equal_steps_seeds], "demo_sizes": args.sizes,
+                "held_out_per_task": args.val_size or 100, "stage1": "configs/demo_stage1.yaml", "config": "configs/demo.yaml",
+                "relative": "mean over tasks of score / full's score, same seed, tasks with full > 0"}
+    meta = {"protocol": protocol, "seeds": args.seeds, "epochs": args.epochs, "wall_min": wall, "threads": args.threads,
+            "held_out": args.val_size or 100, "stage1_s": stage1_s, "budgets": first_tive["tasks"] if first_tive else [],
+            "command": " ".join(argv if argv is not None else __import__("sys").argv[1:])}
+    write_results(out, arms, meta)
+    final = {name: round(float(np.mean(a["relative"])), 2) for name, a in arms.items()}
+    final.update({f"{name} - random": [round(a["minus_random"]["mean"], 2), [round(x, 2) for x in a["minus_random"]["ci95"]]]
+                  for name, a in arms.items() if "minus_random" in a and name in ("tive", "size_aware", "length_normalised",
+                                                                                  "tive_equal_steps", "size_aware_equal_steps")})
+    final["wall_min"] = round(wall, 1)
+    print(json.dumps(_json_safe(final)))
+    return final
+
+
+def _json_safe(value):
+    """NaN -> null, so the last line is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 if __name__ == "__main__":

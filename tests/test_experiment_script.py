@@ -1,0 +1,41 @@
+"""scripts/experiment.py --quick: every arm built through the CLI, the files and the paired statistics."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def test_quick_experiment_runs_every_arm_and_writes_the_results(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "scripts/experiment.py", "--quick", "--work", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    final = json.loads(done.stdout.strip().splitlines()[-1])
+    results = json.loads((tmp_path / "results.json").read_text())
+    arms = results["arms"]
+    assert set(arms) == {"full", "random", "tive", "tive_uniform", "instance_only", "gradnorm", "length", "perplexity",
+                         "size_aware", "length_normalised", "random_equal_steps", "tive_equal_steps", "size_aware_equal_steps"}
+    pool = 9 * 12
+    assert arms["full"]["train_examples"] == pool and arms["full"]["relative"] == [100.0]
+    assert all(arms[a]["train_examples"] == round(0.15 * pool) for a in arms if a != "full")
+    # equal compute: as many optimizer steps as the full-data arm, on the subset
+    assert {arms[a]["steps"] for a in arms if a.endswith("_equal_steps")} == {arms["full"]["steps"]}
+    assert arms["tive"]["steps"] < arms["full"]["steps"]
+    # paired differences are the per-seed differences of the relative scores
+    assert arms["tive"]["minus_random"]["per_seed"] == [arms["tive"]["relative"][0] - arms["random"]["relative"][0]]
+    assert arms["tive_equal_steps"]["minus_random"]["against"] == "random_equal_steps"
+    assert "minus_random" not in arms["full"] and "minus_random" not in arms["random"]
+    # arms that re-select from tive's features carry its warm-up cost, and did no warm-up of their own
+    assert arms["gradnorm"]["seconds"]["warmup_s"] == arms["tive"]["seconds"]["warmup_s"] > 0
+    assert not (tmp_path / "seed0" / "gradnorm" / "tive" / "features").exists()
+    assert final["tive"] == round(arms["tive"]["relative"][0], 2)
+    assert (tmp_path / "results.png").stat().st_size > 0 and "## Results" in (tmp_path / "results.md").read_text()
