@@ -23,13 +23,13 @@ install: $(VENV)/.installed
 
 # Written only at stage 1's last epoch, so an interrupted stage 1 reruns.
 $(STAGE1_CKPT): | $(VENV)/.installed
-	$(PY) -m lightning_tive fit --config configs/demo_stage1.yaml
+	$(PY) -m lightning_tive fit --config configs/demo_stage1.yaml --overwrite true
 
 demo: $(STAGE1_CKPT)
-	$(PY) -m lightning_tive fit --config configs/demo.yaml
+	$(PY) -m lightning_tive fit --config configs/demo.yaml --overwrite true
 
 smoke: $(VENV)/.installed
-	$(PY) -m lightning_tive fit --config configs/demo.yaml --config configs/smoke.yaml
+	$(PY) -m lightning_tive fit --config configs/demo.yaml --config configs/smoke.yaml --overwrite true
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

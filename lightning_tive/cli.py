@@ -3,23 +3,100 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_tive.callback import TIVESelectionCallback
 from lightning_tive.data.datamodule import LlavaDataModule
 from lightning_tive.model import LlavaModule
+from lightning_tive.tive_config import TIVEConfig
+
+FINISHED = "finished.json"  # written into the run folder when a fit completes
+# Logger classes whose `save_dir` defaults to the working directory: the run folder instead.
+UNSET_SAVE_DIRS = (None, ".", "")
 
 
 class TiveCLI(LightningCLI):
-    """LightningCLI over LlavaModule and LlavaDataModule; the module owns its optimizers."""
+    """LightningCLI over LlavaModule and LlavaDataModule, with the `tive:` section and one run folder.
+
+    The module owns its optimizers. Every output of a run (checkpoints, the W&B run, skipped.jsonl,
+    tive/, config.yaml) lands under `trainer.default_root_dir` unless that path is set explicitly.
+    """
 
     def add_arguments_to_parser(self, parser) -> None:
-        """The top-level `tive:` section: TIVESelectionCallback's arguments, always present."""
-        parser.add_lightning_class_args(TIVESelectionCallback, "tive")
+        """The top-level `tive:` section (TIVEConfig), always present, and `overwrite`."""
+        parser.add_class_arguments(TIVEConfig, "tive", instantiate=True, sub_configs=True)
+        parser.add_argument(
+            "--overwrite", type=bool, default=False,
+            help="fit into a run folder that already holds a finished run, replacing it",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        """Point every unset output path of the run at `trainer.default_root_dir`."""
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        root = Path(cfg.trainer.default_root_dir or Path.cwd())
+        loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
+        for logger in loggers:
+            args = getattr(logger, "init_args", None)
+            if args is not None and "save_dir" in args and args.save_dir in UNSET_SAVE_DIRS:
+                args.save_dir = str(root)
+        for callback in cfg.trainer.callbacks or []:
+            args = getattr(callback, "init_args", None)
+            if str(getattr(callback, "class_path", "")).endswith("ModelCheckpoint") and getattr(args, "dirpath", None) is None:
+                args.dirpath = str(root / "checkpoints")
+        if cfg.data.output_dir is None:
+            cfg.data.output_dir = str(root)
+        if cfg.tive.output_dir is None:
+            cfg.tive.output_dir = str(root / "tive")
+
+    def _root(self) -> Path:
+        cfg = self.config[self.subcommand]
+        return Path(cfg.trainer.default_root_dir or Path.cwd())
+
+    def before_fit(self) -> None:
+        """Refuse to fit over a finished run in the same folder unless resuming it or told to."""
+        cfg, root = self.config[self.subcommand], self._root()
+        finished = root / FINISHED
+        if cfg.ckpt_path is not None:
+            return
+        if finished.exists() and not cfg.overwrite:
+            raise RuntimeError(
+                f"{root} already holds a finished run ({FINISHED}, config.yaml, tive/, checkpoints/). Write this one "
+                f"elsewhere with --trainer.default_root_dir <folder>, continue that run from a checkpoint with "
+                f"--ckpt_path {root / 'checkpoints' / 'last.ckpt'}, or replace it with --overwrite true."
+            )
+        if finished.exists():
+            rank_zero_warn(f"replacing the finished run in {root} (--overwrite true)")
+            if self.trainer.is_global_zero:
+                finished.unlink()
+        elif (root / "checkpoints" / "last.ckpt").exists():
+            rank_zero_warn(
+                f"{root} holds an unfinished run: this one starts training over (its stored TIVE features are reused "
+                f"when they match). To continue it instead, pass --ckpt_path {root / 'checkpoints' / 'last.ckpt'}."
+            )
+
+    def after_fit(self) -> None:
+        """Mark the run folder as holding a finished run."""
+        if self.trainer.is_global_zero and not self.trainer.interrupted:
+            root = self._root()
+            root.mkdir(parents=True, exist_ok=True)
+            (root / FINISHED).write_text(json.dumps({"global_step": self.trainer.global_step,
+                                                     "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """The trainer, with TIVESelectionCallback built from the `tive:` section."""
+        tive = TIVESelectionCallback(self._get(self.config_init, "tive"))
+        defaults = self.trainer_defaults.get("callbacks", [])
+        defaults = defaults if isinstance(defaults, list) else [defaults]
+        self.trainer_defaults = {**self.trainer_defaults, "callbacks": [tive, *defaults]}
+        return super().instantiate_trainer(**kwargs)
 
 
 def run_cli(args: list[str] | dict | None = None, run: bool = True) -> TiveCLI:

@@ -5,22 +5,17 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_tive.files import atomic_write
 
 TASKS_COLUMNS = ("task", "size", "task_value", "proportion", "budget", "selected")
 VALUES_COLUMNS = ("index", "id", "task", "grad_norm", "instance_value", "times_selected")
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, mode, **({"encoding": "utf-8", "newline": ""} if "b" not in mode else {})) as f:
-        write(f)
-    os.replace(tmp, path)
 
 
 def write_tasks_csv(path: Path, rows: Sequence[dict]) -> None:
@@ -32,7 +27,7 @@ def write_tasks_csv(path: Path, rows: Sequence[dict]) -> None:
         for row in rows:
             writer.writerow({k: row[k] for k in TASKS_COLUMNS})
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def write_values_csv(
@@ -53,7 +48,7 @@ def write_values_csv(
                 [i, ids[i], tasks[i], _num(grad_norms[i]), _num(instance_values[i]), int(times_selected[i])]
             )
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _num(value: float) -> str:
@@ -62,7 +57,7 @@ def _num(value: float) -> str:
 
 def write_json(path: Path, payload: Any) -> None:
     """Pretty JSON, written atomically."""
-    _atomic_write(path, lambda f: json.dump(payload, f, indent=2, sort_keys=False, default=_jsonable))
+    atomic_write(path, lambda f: json.dump(payload, f, indent=2, sort_keys=False, default=_jsonable))
 
 
 def _jsonable(value: Any) -> Any:
@@ -155,3 +150,61 @@ def log_to_wandb(
     for logger in targets:
         logger.experiment.log(payload)
     return True
+
+
+def summary(config: Any, datamodule: Any, result: Any, timings: dict, feature_settings: dict | None) -> dict:
+    """summary.json: sizes, the budget, the settings and seconds per phase.
+
+    With `features_from`, `feature_settings` are the stored features' own (what produced them);
+    otherwise the features came from this run's settings.
+    """
+    finite = np.asarray(result.finite)
+    return {
+        "pool_size": int(datamodule.pool_size),
+        "budget": int(result.budget),
+        "selected": int(len(result.selected_indices)),
+        "distinct_selected": int((np.asarray(result.times_selected) > 0).sum()),
+        "ratio": config.ratio,
+        "seed": config.seed,
+        "non_finite_examples": int((~finite).sum()),
+        "tasks": result.task_table(),
+        "settings": config.as_dict(),
+        "features": {"from": config.features_from, "settings": feature_settings}
+        if config.features_from is not None
+        else {"from": None, "settings": config.feature_settings()},
+        "timings_s": {**timings, **{f"selection_{k}": v for k, v in result.timings.items()}},
+    }
+
+
+def write_outputs(out: Path, datamodule: Any, result: Any, selected: np.ndarray, summary: dict, loggers: Sequence[Any]) -> None:
+    """tasks.csv, values.csv, subset.json, summary.json, report.png, and the W&B payload."""
+    task_ids = np.asarray(datamodule.pool_task_ids)
+    names = datamodule.task_names
+    records = [datamodule.pool_record(i) for i in range(datamodule.pool_size)]
+    norms, values = np.asarray(result.grad_norms), np.asarray(result.instance_values)
+    write_tasks_csv(out / "tasks.csv", result.task_table())
+    write_values_csv(
+        out / "values.csv", [r.get("id") for r in records], [names[t] for t in task_ids], norms, values,
+        np.asarray(result.times_selected),
+    )
+    write_json(out / "subset.json", [records[i] for i in selected])
+    write_json(out / "summary.json", summary)
+    png = out / "report.png"
+    plot_report(png, result.task_table(), task_ids, values, norms)
+    scalars = {
+        "tive/pool_size": summary["pool_size"],
+        "tive/budget": summary["budget"],
+        **{f"tive/{k}": v for k, v in summary["timings_s"].items()},
+    }
+    log_to_wandb(loggers, result.task_table(), task_ids, values, norms, scalars, png)
+    rank_zero_info(f"[tive] selected {len(selected)} of {datamodule.pool_size}; files in {out}")
+
+
+def write_rank_record(out: Path, rank: int, world_size: int, selection_sha256: str, adapter_sha256: str | None,
+                      valued_now: int) -> None:
+    """ranks/rank-NNNNN.json: what this process selected and from which reference model."""
+    (out / "ranks").mkdir(parents=True, exist_ok=True)
+    write_json(out / "ranks" / f"rank-{rank:05d}.json", {
+        "rank": rank, "world_size": world_size, "selection_sha256": selection_sha256,
+        "reference_adapter_sha256": adapter_sha256, "valued_this_run": valued_now,
+    })

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_tive.callback import ReferenceLora, TIVESelectionCallback
+from lightning_tive.callback import TIVESelectionCallback
+from lightning_tive.phases import ReferencePhases
+from lightning_tive.tive_config import ReferenceLora
 from lightning_tive.data.datamodule import LlavaDataModule
 from lightning_tive.data.demo import DemoConfig
 from lightning_tive.model import LlavaModule, TinyLlavaConfig
@@ -122,7 +124,7 @@ def test_stop_after_selection_writes_files_and_trains_nothing(tmp_path):
 def test_features_from_reproduces_the_selection(lora_run, tmp_path, monkeypatch):
     src, _, tive, _, _ = lora_run
     calls = []
-    monkeypatch.setattr(TIVESelectionCallback, "_warm_up", lambda *a, **k: calls.append("warm-up"))
+    monkeypatch.setattr(ReferencePhases, "warm_up", lambda *a, **k: calls.append("warm-up"))
     _, again, _, _ = run_fit(tmp_path, features_from=str(src / "tive" / "features"), stop_after_selection=True)
     assert calls == []
     assert again.selected.tolist() == tive.selected.tolist()
@@ -141,7 +143,7 @@ def test_checkpoint_holds_only_plain_values(lora_run):
 def test_resumed_fit_reapplies_the_subset_without_new_valuation(lora_run, tmp_path, monkeypatch):
     src, trainer, tive, _, _ = lora_run
     ran = []
-    monkeypatch.setattr(TIVESelectionCallback, "_warm_up_and_value", lambda *a, **k: ran.append(1))
+    monkeypatch.setattr(ReferencePhases, "run", lambda *a, **k: ran.append(1))
     _, resumed, probe, dm = run_fit(tmp_path, max_epochs=2, ckpt_path=str(src / "ckpt" / "last.ckpt"))
     assert ran == []
     assert resumed.selected.tolist() == tive.selected.tolist()
@@ -168,8 +170,8 @@ def test_interrupted_valuation_resumes_from_stored_chunks(tmp_path, monkeypatch)
         run_fit(tmp_path / "run", stop_after_selection=True)
     monkeypatch.setattr(FeatureStore, "write_chunk", original)
     warmups = []
-    real_warm_up = TIVESelectionCallback._warm_up
-    monkeypatch.setattr(TIVESelectionCallback, "_warm_up", lambda *a, **k: (warmups.append(1), real_warm_up(*a, **k)))
+    real_warm_up = ReferencePhases.warm_up
+    monkeypatch.setattr(ReferencePhases, "warm_up", lambda *a, **k: (warmups.append(1), real_warm_up(*a, **k)))
     _, second, _, _ = run_fit(tmp_path / "run", stop_after_selection=True)
     assert warmups == []  # the saved reference adapter was reused
     assert sorted(written) == [0, 1]
@@ -299,7 +301,7 @@ def test_features_from_a_plain_npy_pair_is_accepted_with_a_warning(lora_run, tmp
 
 
 def test_unknown_excluded_task_is_refused_before_warm_up(tmp_path, monkeypatch):
-    monkeypatch.setattr(TIVESelectionCallback, "_warm_up", lambda *a, **k: pytest.fail("warm-up ran"))
+    monkeypatch.setattr(ReferencePhases, "warm_up", lambda *a, **k: pytest.fail("warm-up ran"))
     with pytest.raises(ValueError, match=r"tive.exclude_tasks names unknown task\(s\) \['textcaps'\]"):
         run_fit(tmp_path, exclude_tasks=["textcaps"])
 
@@ -317,8 +319,9 @@ def test_cli_typed_settings_become_plain_numbers():
     """Values parsed by the CLI are instances of jsonargparse's restricted types; checkpoints must not pickle those."""
     from jsonargparse.typing import PositiveFloat, PositiveInt
 
-    from lightning_tive.callback import Fraction
+    from lightning_tive.tive_config import Fraction
 
     tive = TIVESelectionCallback(ratio=Fraction(0.5), proj_dim=PositiveInt(64), temperature=PositiveFloat(2.0))
-    assert type(tive.ratio) is float and type(tive.proj_dim) is int and type(tive.temperature) is float
-    assert all(type(v) in (bool, int, float, str, list, dict, type(None)) for v in tive.settings().values())
+    config = tive.config
+    assert type(config.ratio) is float and type(config.proj_dim) is int and type(config.temperature) is float
+    assert all(type(v) in (bool, int, float, str, list, dict, type(None)) for v in config.as_dict().values())

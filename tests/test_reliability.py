@@ -102,6 +102,6 @@ def test_edge_cases_select_exactly_the_budget_and_train(tmp_path, case):
     if case == "task_missing_from_warm_up":
         from lightning_tive.tive.warmup import balanced_warmup_indices
 
-        warm = balanced_warmup_indices(dm.pool_task_ids, len(dm.task_names), round(0.05 * pool), tive.seed)
+        warm = balanced_warmup_indices(dm.pool_task_ids, len(dm.task_names), round(0.05 * pool), tive.config.seed)
         assert len(set(dm.pool_task_ids[warm].tolist())) < len(dm.task_names)  # some task really was left out
         assert read(tmp_path, "summary.json")["non_finite_examples"] == 0

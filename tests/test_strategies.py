@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_callback import POOL, run_fit
 
-from lightning_tive.callback import TIVESelectionCallback
+from lightning_tive.phases import ReferencePhases
 from lightning_tive.tive.selection import allocate_budgets, select_from_values, select_top_scores
 
 
@@ -35,7 +35,7 @@ def tive_run(tmp_path_factory):
 
 
 def test_random_needs_no_gradients_and_splits_by_task_size(tmp_path, monkeypatch):
-    monkeypatch.setattr(TIVESelectionCallback, "_warm_up_and_value", lambda *a, **k: pytest.fail("valuation ran"))
+    monkeypatch.setattr(ReferencePhases, "run", lambda *a, **k: pytest.fail("valuation ran"))
     _, tive, _, _ = run_fit(tmp_path, strategy="random", stop_after_selection=True)
     table = rows(tmp_path)
     assert {n: int(r["budget"]) for n, r in table.items()} == size_budgets(tmp_path)

@@ -26,6 +26,8 @@ from pathlib import Path
 import PIL
 from PIL import Image, ImageDraw, ImageFont, features
 
+from lightning_tive.files import build_cache_folder
+
 # Bump whenever records or pixels for an unchanged config would change: it keys the cache.
 GENERATOR_VERSION = 1
 
@@ -550,9 +552,15 @@ def ensure_demo(config: DemoConfig, cache_dir: Path | None = None) -> DemoPaths:
     """Generate the demo into a config-keyed cache folder once, atomically, and reuse it afterwards."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_root() / "demo"
     final = cache_dir / f"demo-v{GENERATOR_VERSION}-{config_key(config)}"
-    # Folders appear only by atomic rename, so one holding val.json (written last) is complete.
-    if (final / "val.json").is_file():
-        return DemoPaths.under(final)
+
+    def build(tmp: Path) -> None:
+        generate_demo(tmp, config)
+        (tmp / "config.json").write_text(
+            json.dumps({"config": asdict(config), "generator": GENERATOR_VERSION}, indent=2, sort_keys=True) + "\n"
+        )
+
+    # val.json is written last, and folders appear only by rename: one holding it is complete.
+    return DemoPaths.under(build_cache_folder(final, build, "val.json"))
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache_dir))
     try:

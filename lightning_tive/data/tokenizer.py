@@ -8,14 +8,13 @@ prepends `<s>` and appends nothing; `</s>` inside text is the eos token, `<image
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from lightning_tive.files import build_cache_folder
 
 # Bump when the corpus or settings change: it names the cache folder.
 TOKENIZER_VERSION = 2
@@ -169,21 +168,5 @@ def demo_tokenizer_path(cache_dir: str | Path | None = None) -> Path:
     from lightning_tive.data.demo import default_cache_root
 
     root = Path(cache_dir) if cache_dir is not None else default_cache_root()
-    final = root / f"tokenizer-v{TOKENIZER_VERSION}"
-    if (final / "tokenizer.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
-        build_demo_tokenizer(tmp)
-        os.rename(tmp, final)
-    except OSError as err:
-        # Another process renamed its copy into place first; use that one.
-        if not (final / "tokenizer.json").is_file():
-            raise RuntimeError(
-                f"could not create the tokenizer cache {final} (incomplete? delete it): {err}"
-            ) from err
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return build_cache_folder(root / f"tokenizer-v{TOKENIZER_VERSION}", build_demo_tokenizer, "tokenizer.json")
+

@@ -242,12 +242,14 @@ def select_from_values(
     budget_by: str = "value",
     size_alpha: float = 0.5,
     task_scores: Any = None,
+    report_values: bool = True,
 ) -> SelectionResult:
     """Budgets and sampling from already computed instance values (e.g. gathered from many processes).
 
     ``budget_by="value"`` splits B by task value v(T) (TIVE); ``"size"`` by the tasks' finite sizes
     (the proportional split of a random subset); ``"value_size"`` by ``v(T) * |T|**size_alpha``.
     ``task_scores`` are the per-example numbers whose task mean is v(T) (default: the norms).
+    ``report_values=False`` marks the values as stand-ins (e.g. a random draw): reported as NaN.
     """
     if budget_by not in BUDGET_MODES:
         raise ValueError(f"budget_by must be one of {BUDGET_MODES}, got {budget_by!r}")
@@ -277,6 +279,10 @@ def select_from_values(
     clock = time.perf_counter()
     times = sample_within_tasks(u, tid, budgets, finite, sampling, temperature, seed)
     timings["sampling_s"] = time.perf_counter() - clock
+    if not report_values:
+        nan = np.full(n_rows, np.nan)
+        stats = TaskStats(**{**asdict(stats), "values": np.full(len(names), np.nan)})
+        u, norm_arr = nan, nan
     return _result(names, stats, shares, exclude_tasks, budget, budgets, times, u, finite, norm_arr, tid, {
         "ratio": float(ratio),
         "exclude_tasks": list(exclude_tasks),

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from lightning_tive.files import atomic_write
+
 __all__ = ["FeatureStore", "ShardedFeatures", "shard_indices", "write_shard_index"]
 
 FORMAT = "lightning_tive.features"
@@ -57,15 +59,6 @@ def _data_offset(path: Path) -> int:
         else:
             np.lib.format.read_array_header_2_0(f)
         return f.tell()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _flatten(meta: dict, prefix: str = "") -> dict:
@@ -177,7 +170,7 @@ class FeatureStore:
             column[:] = np.nan  # unwritten rows read as "not recorded"
             del column
         # meta.json last: its presence means the files above are complete.
-        _atomic_write_text(self.folder / self.META, json.dumps(self.meta, indent=2, sort_keys=True))
+        atomic_write(self.folder / self.META, json.dumps(self.meta, indent=2, sort_keys=True))
 
     def __len__(self) -> int:
         return self.pool_size
@@ -368,7 +361,7 @@ def write_shard_index(folder: str | os.PathLike, pool_size: int, chunk_size: int
         "world_size": int(world_size),
         "shards": [shard_name(world_size, r) for r in range(world_size)],
     }
-    _atomic_write_text(Path(folder) / SHARDS, json.dumps(payload, indent=2) + "\n")
+    atomic_write(Path(folder) / SHARDS, json.dumps(payload, indent=2) + "\n")
 
 
 class ShardedFeatures:

@@ -83,8 +83,8 @@ def test_default_pool_is_a_few_thousand_uneven_records():
 
 
 def test_eval_kinds():
-    assert set(TASK_EVAL_KIND) == set(DEMO_TASKS)
-    assert {t for t, k in TASK_EVAL_KIND.items() if k == "token_f1"} == {"caption", "conversation"}
+    assert set(TASK_EVAL_KIND) == set(DEMO_TASKS) | {demo.ALIGN_TASK}
+    assert {t for t, k in TASK_EVAL_KIND.items() if k == "token_f1"} == {"caption", "conversation", demo.ALIGN_TASK}
     assert {k for k in TASK_EVAL_KIND.values()} == {"exact_match", "token_f1"}
 
 

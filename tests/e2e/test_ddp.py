@@ -116,6 +116,8 @@ def test_resumed_two_process_run_continues_from_its_shards(runs):
     folder = two / "tive" / "features"
     spec = json.loads((folder / "shards.json").read_text())
     # forget the last finished chunk of every shard, as if both processes were killed mid-valuation
+    # (a killed run never marks its folder finished)
+    (two / "finished.json").unlink()
     removed = 0
     for name in spec["shards"]:
         markers = sorted((folder / name / "done").iterdir())

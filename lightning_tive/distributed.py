@@ -1,0 +1,118 @@
+"""Every collective TIVE uses, in one place, on the device the process group wants.
+
+NCCL accepts only CUDA tensors and gloo CPU ones: each helper moves its tensor to the strategy's
+root device for the collective and back to where it came from. With one process they are no-ops.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class Collectives:
+    """Sums, maxima, gathers and broadcasts across the processes of a run (no-ops on one)."""
+
+    def __init__(self, world_size: int, rank: int, device: torch.device | str, strategy: Any = None) -> None:
+        self.world_size, self.rank = int(world_size), int(rank)
+        self.device = torch.device(device)
+        self.strategy = strategy  # for barrier() and broadcast_object(), when given
+
+    @classmethod
+    def of(cls, trainer: Any) -> Collectives:
+        """The collectives of a Lightning trainer's processes."""
+        return cls(trainer.world_size, trainer.global_rank, trainer.strategy.root_device, trainer.strategy)
+
+    @property
+    def distributed(self) -> bool:
+        """More than one process."""
+        return self.world_size > 1
+
+    def _reduce(self, tensor: torch.Tensor, op: Any) -> torch.Tensor:
+        if not self.distributed:
+            return tensor
+        moved = tensor.to(self.device)
+        dist.all_reduce(moved, op=op)
+        if moved is not tensor:
+            tensor.copy_(moved)
+        return tensor
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In-place sum over processes; returns the tensor."""
+        return self._reduce(tensor, dist.ReduceOp.SUM)
+
+    def max_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In-place maximum over processes; returns the tensor."""
+        return self._reduce(tensor, dist.ReduceOp.MAX)
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum over processes, as a new tensor."""
+        return self.sum_(tensor.clone())
+
+    def any(self, flag: bool) -> bool:
+        """True when `flag` holds on any process."""
+        return bool(self.max_(torch.tensor([1.0 if flag else 0.0])).item() > 0)
+
+    def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Overwrite `tensor` with process `src`'s, in place."""
+        if not self.distributed:
+            return tensor
+        moved = tensor.data.to(self.device)
+        dist.broadcast(moved, src=src)
+        if moved is not tensor.data:
+            tensor.data.copy_(moved)
+        return tensor
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every process's `obj`, in rank order."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """Process `src`'s `obj` on every process."""
+        if not self.distributed:
+            return obj
+        if self.strategy is not None:
+            return self.strategy.broadcast(obj, src=src)
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def barrier(self, name: str) -> None:
+        """Wait for every process."""
+        if self.strategy is not None:
+            self.strategy.barrier(name)
+        elif self.distributed:
+            dist.barrier()
+
+    def same_everywhere(self, array: np.ndarray, what: str) -> str:
+        """Refuse to go on unless every process holds the identical array; returns its digest."""
+        digest = hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+        digests = self.gather_objects(digest)
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"processes disagree on {what}: {digests}")
+        return digest
+
+    def gather_by_index(self, pool_size: int, indices: np.ndarray, columns: dict[str, np.ndarray]) -> dict:
+        """Pool-ordered per-example columns from every process's rows; each index exactly once."""
+        out = {
+            name: np.zeros(pool_size, dtype=bool) if column.dtype == bool else np.full(pool_size, np.nan)
+            for name, column in columns.items()
+        }
+        seen = np.zeros(pool_size, dtype=np.int64)
+        for idx, part in self.gather_objects((indices, columns)):
+            for name, column in part.items():
+                out[name][idx] = column
+            np.add.at(seen, idx, 1)
+        if not (seen == 1).all():
+            raise RuntimeError(
+                f"valuation covered {int((seen == 0).sum())} pool indices 0 times and {int((seen > 1).sum())} more than once"
+            )
+        return out

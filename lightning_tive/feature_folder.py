@@ -1,0 +1,153 @@
+"""The `features/` folder of a run: this process's store, and reading a folder back (`features_from`).
+
+Layouts: one process writes a FeatureStore in `features/`; n processes write one store per shard in
+`features/rank-XXXXX-of-NNNNN/` (each with `indices.npy`, the pool index of every row) and a
+`shards.json`. A bare folder with `features.npy` + `grad_norms.npy` (no `meta.json`) is read too,
+with a warning, as row i = pool index i.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lightning_tive.tive.store import (
+    INDICES,
+    SHARDS,
+    FeatureStore,
+    ShardedFeatures,
+    shard_indices,
+    shard_name,
+    write_shard_index,
+)
+from lightning_tive.tive.values import ArrayFeatures
+
+
+class PlainFeatures(ArrayFeatures):
+    """A bare `features.npy` + `grad_norms.npy` folder as a feature source (no per-example columns)."""
+
+    def __init__(self, features: np.ndarray, norms: np.ndarray) -> None:
+        super().__init__(features)
+        self.norms = norms
+
+    def read_norms(self) -> np.ndarray:
+        """The folder's gradient norms."""
+        return self.norms
+
+    def read_column(self, name: str) -> np.ndarray:
+        """Not recorded in a bare folder: NaN."""
+        return np.full(self.num_rows, np.nan, dtype=np.float32)
+
+
+def pool_fingerprint(datamodule: Any) -> str:
+    """A digest of the pool's records (ids, images, conversations) and tasks, in pool order."""
+    digest = hashlib.sha256()
+    for i in range(datamodule.pool_size):
+        digest.update(json.dumps(datamodule.pool_record(i), sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def check_layout(folder: Path, world: int) -> None:
+    """Refuse to mix features written by a different number of processes into this run."""
+    written = None
+    if (folder / SHARDS).exists():
+        written = json.loads((folder / SHARDS).read_text())["world_size"]
+    elif (folder / FeatureStore.META).exists():
+        written = 1
+    if written is not None and written != world:
+        raise RuntimeError(
+            f"{folder} holds features written by {written} process(es), and this run has {world}. "
+            f"Rerun with {written} process(es) to resume that valuation, re-select from it with "
+            f"`tive.features_from: {folder}`, or choose another `tive.output_dir`."
+        )
+
+
+def open_process_store(
+    folder: Path, pool_size: int, chunk_size: int, world: int, rank: int, proj_dim: int, dtype: str,
+    fingerprint: dict, is_global_zero: bool, barrier: Any,
+) -> tuple[FeatureStore, np.ndarray]:
+    """This process's store (created or resumed) and the pool index of each of its rows.
+
+    A rank with no chunk gets an empty shard: it joins every collective with nothing to value.
+    """
+    check_layout(folder, world)
+    if world > 1:
+        if is_global_zero:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_shard_index(folder, pool_size, chunk_size, world)
+        barrier("tive-shard-index")
+        folder = folder / shard_name(world, rank)
+    indices = shard_indices(pool_size, chunk_size, world, rank)
+    store = FeatureStore(
+        folder, len(indices), proj_dim, dtype=dtype, chunk_size=chunk_size,
+        extra={**fingerprint, "world_size": world, "rank": rank},
+    )
+    np.save(folder / INDICES, indices)
+    return store, indices
+
+
+def open_features(folder: Path, datamodule: Any) -> tuple[Any, np.ndarray, dict]:
+    """(source, pool index of each row, the settings that produced it) from a features folder of any layout."""
+    pool = datamodule.pool_size
+    if (folder / SHARDS).exists():
+        source = ShardedFeatures(folder)
+        extras = [s.meta["extra"] for s in source.stores]
+        _check_pool(folder, extras, datamodule, source.pool_size)
+        if not source.is_complete():
+            raise ValueError(f"tive.features_from={folder} is incomplete")
+        return source, source.indices, _shared_settings(extras)
+    if (folder / FeatureStore.META).exists():
+        store = FeatureStore.open(folder)
+        _check_pool(folder, [store.meta["extra"]], datamodule, store.pool_size)
+        if not store.is_complete():
+            raise ValueError(f"tive.features_from={folder} is incomplete (chunks {store.missing_chunks()[:5]} missing)")
+        return store, np.arange(pool), _shared_settings([store.meta["extra"]])
+    features = np.load(folder / "features.npy", mmap_mode="r")
+    norms = np.load(folder / "grad_norms.npy").astype(np.float32)
+    if features.ndim != 2 or features.shape[0] != pool or norms.shape != (pool,):
+        raise ValueError(
+            f"tive.features_from={folder}: features {features.shape} / grad_norms {norms.shape} do not match "
+            f"the pool of {pool} examples"
+        )
+    warnings.warn(
+        f"tive.features_from={folder} has no meta.json: its shape matches the pool, but which model, "
+        "adapter and projection produced it cannot be checked",
+        stacklevel=2,
+    )
+    return PlainFeatures(np.asarray(features), norms), np.arange(pool), {}
+
+
+def _shared_settings(extras: list[dict]) -> dict:
+    """The fingerprint every shard shares (its rank and world size left out)."""
+    first = {k: v for k, v in extras[0].items() if k not in ("rank",)}
+    return first
+
+
+def _check_pool(folder: Path, extras: list[dict], datamodule: Any, stored_size: int) -> None:
+    """Refuse features of another pool: another size, or the same size with other records or tasks."""
+    if stored_size != datamodule.pool_size:
+        raise ValueError(
+            f"tive.features_from={folder} holds {stored_size} examples, the pool has {datamodule.pool_size}: "
+            "it was computed for another pool"
+        )
+    recorded = {extra.get("pool") for extra in extras if extra.get("pool")}
+    if not recorded:
+        warnings.warn(f"tive.features_from={folder} records no pool fingerprint; it cannot be checked", stacklevel=3)
+        return
+    current = pool_fingerprint(datamodule)
+    if recorded != {current}:
+        raise ValueError(
+            f"tive.features_from={folder} was computed for a different pool (fingerprint {sorted(recorded)} vs "
+            f"{current} now): the same number of examples but other records, order or tasks. Recompute the features "
+            "for this pool (drop tive.features_from), or point it at the run that used this data."
+        )
+
+
+def read_column(source: Any, name: str) -> np.ndarray:
+    """A per-example store column (`loss`, `tokens`), in the source's row order."""
+    return source.read_column(name)

@@ -1,0 +1,317 @@
+"""TIVE's reference phases inside a fit: the warm-up of a throw-away adapter, then the valuation.
+
+`ReferencePhases.run` adds the reference adapter, trains it on the task-balanced warm-up slice
+(resuming from its saved copy when a valuation was interrupted), writes one feature row per pool
+example of this process's shard, removes the adapter and checks that the main model is bit for bit
+what it was. Gradients go through `torch.autograd.grad` on the unwrapped module, so DDP's reducer
+never sees the adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_tive.distributed import Collectives
+from lightning_tive.feature_folder import open_process_store, pool_fingerprint
+from lightning_tive.files import atomic_torch_save
+from lightning_tive.tive.grads import layer_shapes, per_example_grads
+from lightning_tive.tive.projection import Projector, build_projector
+from lightning_tive.tive.store import FeatureStore
+from lightning_tive.tive.warmup import balanced_warmup_indices
+from lightning_tive.tive_config import TIVEConfig
+
+ADAPTER_FILE = "reference_adapter.pt"
+
+
+@dataclass
+class Valuation:
+    """What the reference phases left on this process."""
+
+    store: FeatureStore
+    indices: np.ndarray  # pool index of each store row
+    adapter_sha256: str | None  # the reference model the features come from
+    valued_now: int  # examples valued by this run (fewer after a resume)
+    timings: dict[str, float]
+
+
+class ReferencePhases:
+    """Warm-up and valuation of the reference model for one fit."""
+
+    def __init__(self, config: TIVEConfig, trainer: Any, module: Any, datamodule: Any) -> None:
+        self.config, self.trainer, self.module, self.datamodule = config, trainer, module, datamodule
+        self.comm = Collectives.of(trainer)
+
+    # ---------------------------------------------------------------- the run
+    def run(self, out: Path) -> Valuation:
+        """Warm up (or resume), value this process's shard into `out/features`, and restore the model."""
+        config, trainer = self.config, self.trainer
+        timings: dict[str, float] = {}
+        with reference_model(self.module, config) as (adapter, extra_params):
+            layers = [(name, layer) for name, layer in adapter if lora_module_of(name) in config.gradient_modules]
+            projector = self.projector(layers)
+            store, indices = open_process_store(
+                out / "features", self.datamodule.pool_size, config.chunk_size, self.comm.world_size, self.comm.rank,
+                projector.proj_dim, config.feature_dtype, self.fingerprint(projector), trainer.is_global_zero,
+                self.comm.barrier,
+            )
+            adapter_file = out / ADAPTER_FILE
+            needs_valuation = self.comm.any(bool(store.missing_chunks()))
+            resume = needs_valuation and self.comm.any(trainer.is_global_zero and adapter_file.exists())
+            clock = time.perf_counter()
+            if resume:
+                # A valuation was interrupted: its adapter makes the remaining features match the stored ones.
+                if trainer.is_global_zero:
+                    load_adapter(adapter, extra_params, adapter_file)
+                    rank_zero_info(f"[tive] resuming valuation with the reference adapter from {adapter_file}")
+                for tensor in [layer.weight for _, layer in adapter] + extra_params:
+                    self.comm.broadcast_(tensor)
+            elif needs_valuation:
+                self.warm_up(extra_params)
+                if trainer.is_global_zero:
+                    save_adapter(adapter, extra_params, adapter_file)
+            timings["warmup_s"] = time.perf_counter() - clock
+            digest = adapter_digest(adapter_state(adapter, extra_params)) if needs_valuation else saved_digest(adapter_file)
+            clock = time.perf_counter()
+            valued = self.value(layers, projector, store, indices)
+            timings["valuation_s"] = time.perf_counter() - clock
+        return Valuation(store, indices, digest, valued, timings)
+
+    def projector(self, layers: list) -> Projector:
+        """The configured projector for the feature layers (`identity` keeps the adapter's full size)."""
+        dim = None if self.config.projector == "identity" else self.config.proj_dim
+        return build_projector(self.config.projector, dim, self.config.seed, layer_shapes(layers))
+
+    def warmup_batch_size(self) -> int:
+        """The global warm-up batch size (split over processes)."""
+        return self.config.warmup_batch_size or getattr(self.datamodule, "batch_size", 8) * self.comm.world_size
+
+    def fingerprint(self, projector: Projector) -> dict:
+        """Everything that changes a feature: settings, resolved batch, precision, projection, model, pool."""
+        hparams = dict(getattr(self.module, "hparams", {}))
+        model = {k: v for k, v in hparams.items() if isinstance(v, (str, int, float, bool, type(None), dict, list))}
+        return {
+            "pool": pool_fingerprint(self.datamodule),
+            "model": model,
+            "settings": self.config.feature_settings(),
+            "warmup_global_batch": self.warmup_batch_size(),
+            "precision": str(self.trainer.precision),
+            "projection": projector.describe(),
+        }
+
+    # ---------------------------------------------------------------- warm-up
+    def warm_up(self, extra_params: list[torch.nn.Parameter]) -> None:
+        """Train the reference adapter (and the projector); each process runs its slice of every global batch."""
+        from lightning_tive.model import WarmupCosineLR
+
+        config, trainer, module, comm = self.config, self.trainer, self.module, self.comm
+        size = int(round(config.warmup_ratio * self.datamodule.pool_size))
+        indices = balanced_warmup_indices(self.datamodule.pool_task_ids, len(self.datamodule.task_names), size, config.seed)
+        groups = [{"params": [p for p in module.parameters() if p.requires_grad], "lr": config.warmup_lr}]
+        if config.warmup_projector_lr is not None and extra_params:
+            for p in extra_params:
+                p.requires_grad_(True)
+            groups.append({"params": extra_params, "lr": config.warmup_projector_lr})
+        params = [p for group in groups for p in group["params"]]
+        global_batch = self.warmup_batch_size()
+        steps_per_epoch = max(1, math.ceil(len(indices) / global_batch))
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        scheduler = WarmupCosineLR(optimizer, total_steps=steps_per_epoch * config.warmup_epochs)
+        module.train()
+        step = 0
+        bar = progress(trainer, steps_per_epoch * config.warmup_epochs, "TIVE warm-up")
+        for epoch in range(config.warmup_epochs):
+            order = np.random.default_rng([config.seed, epoch]).permutation(indices)
+            global_batches = [order[k : k + global_batch] for k in range(0, len(order), global_batch)]
+            loader = self.datamodule.pool_dataloader(batches=[b[comm.rank :: comm.world_size] for b in global_batches])
+            for batch, whole in zip(loader, global_batches, strict=True):
+                loss = self._warmup_step(batch, len(whole), params)
+                if config.warmup_grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, config.warmup_grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                step += 1
+                if trainer.is_global_zero:
+                    for logger in trainer.loggers:
+                        logger.log_metrics({"tive/warmup_loss": loss}, step=step)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
+        bar.close()
+        for p in extra_params:  # valuation differentiates the adapter only
+            p.requires_grad_(False)
+
+    def _warmup_step(self, batch: dict, global_size: int, params: list) -> float:
+        """Set `.grad` of `params` to the global batch's gradient; returns the global batch's loss."""
+        trainer, module, comm = self.trainer, self.module, self.comm
+        present = "input_ids" in batch  # False when every record of this slice was skipped (or it is empty)
+        if present:
+            batch = trainer.strategy.batch_to_device(batch)
+        # Each process's loss is its slice's share of the global mean, so the gradients summed over
+        # processes are the global batch's, whatever the number of processes.
+        if self.config.warmup_loss == "token_mean":
+            tokens = module.supervised_tokens(batch).sum().float() if present else torch.zeros(())
+            denominator = comm.sum(tokens.reshape(1)).clamp(min=1)[0]
+        else:
+            denominator = torch.tensor(float(global_size))
+        if present:
+            with trainer.precision_plugin.forward_context():
+                loss = warmup_loss(module, batch, self.config.warmup_loss, denominator.to(trainer.strategy.root_device))
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+            value = loss.detach().float().reshape(1)
+        else:
+            grads = [torch.zeros_like(p) for p in params]
+            value = torch.zeros(1)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = comm.sum_(g).to(p.dtype)
+        return float(comm.sum_(value)[0])
+
+    # ---------------------------------------------------------------- valuation
+    def value(self, layers: list, projector: Projector, store: FeatureStore, indices: np.ndarray) -> int:
+        """Features of this process's rows, chunk by chunk into its store; returns how many were valued."""
+        trainer, module = self.trainer, self.module
+        missing = store.missing_chunks()
+        batch_size = self.config.valuation_batch_size or getattr(self.datamodule, "batch_size", 8)
+        bar = progress(trainer, sum(np.diff(store.chunk_range(c))[0] for c in missing), "TIVE valuation")
+        valued = 0
+        module.eval()  # dropout off: features are deterministic
+        for chunk in missing:
+            start, stop = store.chunk_range(chunk)
+            pool_indices = indices[start:stop]
+            position = {int(p): k for k, p in enumerate(pool_indices)}
+            features = np.zeros((stop - start, store.proj_dim), dtype=np.float32)
+            norms = np.full(stop - start, np.nan, dtype=np.float32)  # stays NaN for a record skipped as bad
+            losses, tokens = np.full_like(norms, np.nan), np.full_like(norms, np.nan)
+            for batch in self.datamodule.pool_dataloader(pool_indices, batch_size=batch_size):
+                count = len(batch["pool_index"]) + len(batch.get("skipped_pool_index", []))
+                if "input_ids" in batch:
+                    rows = [position[int(p)] for p in batch["pool_index"]]
+                    batch = trainer.strategy.batch_to_device(batch)
+                    with trainer.precision_plugin.forward_context():
+                        grads = per_example_grads(layers, projector, module.per_example_loss, batch)
+                    features[rows] = grads.features.float().cpu().numpy()
+                    norms[rows] = grads.norms.float().cpu().numpy()
+                    losses[rows] = grads.losses.float().cpu().numpy()
+                    tokens[rows] = module.supervised_tokens(batch).float().cpu().numpy()
+                bar.update(count)
+            store.write_chunk(chunk, np.arange(start, stop), features, norms, columns={"loss": losses, "tokens": tokens})
+            valued += stop - start
+        bar.close()
+        self.comm.barrier("tive-valuation")
+        if not store.is_complete():
+            raise RuntimeError(f"feature store {store.folder} is incomplete after valuation: {store.missing_chunks()[:5]}")
+        return valued
+
+
+def warmup_loss(module: Any, batch: dict, kind: str, denominator: torch.Tensor) -> torch.Tensor:
+    """This slice's share of the warm-up loss: summed token NLL (`token_mean`) or example means, / denominator."""
+    losses = module.per_example_loss(batch)
+    if kind == "token_mean":
+        losses = losses * module.supervised_tokens(batch)
+    return losses.sum() / denominator
+
+
+@contextlib.contextmanager
+def reference_model(module: Any, config: TIVEConfig) -> Iterator[tuple[list, list]]:
+    """The module with the reference adapter added; afterwards the main model is back, bit for bit.
+
+    Yields the adapter's (name, Linear) layers and the extra parameters the warm-up may train (the
+    projector), whose values and flags are restored on the way out.
+    """
+    extra = list(module.projector_parameters())
+    before = trainable_digests(module, extra)
+    was_training = module.training
+    saved = [(p, p.detach().clone(), p.requires_grad) for p in extra]
+    adapter = module.add_reference_adapter(config.reference_lora, config.seed)
+    try:
+        yield adapter, extra
+    finally:
+        module.remove_reference_adapter()
+        with torch.no_grad():
+            for param, value, flag in saved:
+                param.copy_(value)
+                param.requires_grad_(flag)
+        module.train(was_training)
+    after = trainable_digests(module, extra)
+    if after != before:
+        changed = sorted(k for k in before if before[k] != after.get(k))[:5]
+        raise RuntimeError(f"the warm-up changed the main model's trainable weights (e.g. {changed})")
+
+
+def lora_module_of(layer_name: str) -> str:
+    """`...self_attn.q_proj.lora_A.tive_reference` -> `q_proj`."""
+    parts = layer_name.split(".")
+    return parts[next(i for i, p in enumerate(parts) if p.startswith("lora_")) - 1]
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """A digest of a tensor's exact bits."""
+    data = tensor.detach()
+    if data.element_size() > 1:
+        data = data.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[data.element_size()])
+    else:
+        data = data.view(torch.uint8)
+    return hashlib.blake2b(data.cpu().contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+
+
+def trainable_digests(module: torch.nn.Module, extra: list | None = None) -> dict[str, str]:
+    """Bit-level digests of every trainable parameter, and of `extra` ones (e.g. a frozen projector)."""
+    ids = {id(p) for p in extra or []}
+    return {name: tensor_digest(p) for name, p in module.named_parameters() if p.requires_grad or id(p) in ids}
+
+
+def adapter_state(layers: list, extra_params: list) -> dict[str, torch.Tensor]:
+    """The reference model's own weights: adapter layers by name, extra parameters by position."""
+    state = {name: layer.weight.detach().cpu() for name, layer in layers}
+    state.update({f"projector.{k}": p.detach().cpu() for k, p in enumerate(extra_params)})
+    return state
+
+
+def adapter_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the reference model's weights, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(tensor_digest(state[name]).encode())
+    return digest.hexdigest()
+
+
+def saved_digest(path: Path) -> str | None:
+    """The digest of a saved reference model (None when there is none)."""
+    return adapter_digest(torch.load(path, map_location="cpu", weights_only=True)) if path.exists() else None
+
+
+def save_adapter(layers: list, extra_params: list, path: Path) -> None:
+    """Write the reference model's weights atomically."""
+    atomic_torch_save(adapter_state(layers, extra_params), path)
+
+
+def load_adapter(layers: list, extra_params: list, path: Path) -> None:
+    """Load a saved reference model into the adapter (and the extra parameters)."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if set(saved) != set(adapter_state(layers, extra_params)):
+        raise ValueError(f"{path} was written for a different reference adapter; delete it to warm up again")
+    with torch.no_grad():
+        for name, layer in layers:
+            layer.weight.copy_(saved[name])
+        for k, param in enumerate(extra_params):
+            param.copy_(saved[f"projector.{k}"])
+
+
+def progress(trainer: Any, total: int, desc: str) -> Any:
+    """A tqdm bar on global rank 0 when the trainer shows progress."""
+    from tqdm.auto import tqdm
+
+    enabled = trainer.is_global_zero and trainer.progress_bar_callback is not None
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
