@@ -1,4 +1,4 @@
-"""Answer normalisation and per-task metrics (torchmetrics, so they sync across processes)."""
+"""Answer normalisation and scores of greedy answers against references (SQuAD-style)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,16 @@ import re
 import string
 from collections import Counter
 
-import torch
-from torchmetrics import Metric
-
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
 def normalize_answer(text: str) -> str:
-    """Lower-case, drop punctuation and articles, squeeze spaces (VQA-style normalisation)."""
+    """Lower-case, drop punctuation and articles, squeeze spaces (SQuAD's normalisation).
+
+    Not the VQA evaluator's (which also maps number words to digits and fixes contractions); the
+    demo's answers need neither.
+    """
     text = _PUNCT.sub(" ", text.lower())
     text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
@@ -35,26 +36,3 @@ def token_f1(prediction: str, reference: str) -> float:
         return 0.0
     precision, recall = common / len(pred), common / len(ref)
     return 2 * precision * recall / (precision + recall)
-
-
-class MeanScore(Metric):
-    """Mean of per-example scores (accuracy or F1), summed across processes."""
-
-    full_state_update = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, scores: torch.Tensor) -> None:
-        """Add a vector of per-example scores."""
-        scores = scores.detach().to(torch.float64).flatten()
-        self.total += scores.sum()
-        self.count += scores.numel()
-
-    def compute(self) -> torch.Tensor:
-        """The mean, or NaN with no examples."""
-        if self.count == 0:
-            return torch.tensor(float("nan"))
-        return (self.total / self.count).float()

@@ -18,7 +18,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
-from lightning_tive.metrics import MeanScore, exact_match, token_f1
+from lightning_tive.metrics import exact_match, token_f1
 
 FinetuneMode = Literal["full", "lora", "qlora"]
 LM_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -440,11 +440,13 @@ class LlavaModule(L.LightningModule):
         self.task_names = list(datamodule.task_names)
         present = sorted(set(datamodule.val_pool.task_ids.tolist()))
         self.eval_kinds = {self.task_names[t]: datamodule.task_eval_kind(self.task_names[t]) for t in present}
+        from torchmetrics import MeanMetric
+
         metrics = {}
         for task, kind in self.eval_kinds.items():
-            metrics[_key(task, "loss")] = MeanScore()
+            metrics[_key(task, "loss")] = MeanMetric()
             if kind != "loss_only":
-                metrics[_key(task, kind)] = MeanScore()
+                metrics[_key(task, kind)] = MeanMetric()
         self.val_metrics = torch.nn.ModuleDict(metrics)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -509,22 +511,29 @@ class LlavaModule(L.LightningModule):
     def _log_eval(self, prefix: str) -> None:
         if self.val_metrics is None:
             return
+        import warnings
+
         losses, accuracies, scores = [], [], []
+        # Every process computes every metric in the same order: compute() is a collective, and
+        # processes that saw different tasks would otherwise wait on each other forever. A task no
+        # process saw (e.g. limit_val_batches) computes to NaN and is not logged.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*compute.*before the.*update.*")
+            computed = {key: metric.compute() for key, metric in self.val_metrics.items()}
         for task, kind in self.eval_kinds.items():
-            if not self.val_metrics[_key(task, "loss")].update_called:
-                continue  # this task had no batch (e.g. limit_val_batches)
-            loss = self.val_metrics[_key(task, "loss")].compute()
+            loss = computed[_key(task, "loss")]
             if not torch.isnan(loss):
                 losses.append(loss)
                 self.log(f"{prefix}/{task}/loss", loss, sync_dist=False)
-            if kind != "loss_only" and self.val_metrics[_key(task, kind)].update_called:
-                value = self.val_metrics[_key(task, kind)].compute()
-                if not torch.isnan(value):
-                    name = "accuracy" if kind == "exact_match" else "token_f1"
-                    self.log(f"{prefix}/{task}/{name}", value, sync_dist=False)
-                    scores.append(value)
-                    if kind == "exact_match":
-                        accuracies.append(value)
+            if kind == "loss_only":
+                continue
+            value = computed[_key(task, kind)]
+            if not torch.isnan(value):
+                name = "accuracy" if kind == "exact_match" else "token_f1"
+                self.log(f"{prefix}/{task}/{name}", value, sync_dist=False)
+                scores.append(value)
+                if kind == "exact_match":
+                    accuracies.append(value)
         for metric in self.val_metrics.values():
             metric.reset()
         if losses:

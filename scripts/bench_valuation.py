@@ -65,12 +65,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lightning_tive.callback import ReferenceLora  # noqa: E402
 from lightning_tive.data.datamodule import LlavaDataModule  # noqa: E402
 from lightning_tive.data.demo import DemoConfig  # noqa: E402
 from lightning_tive.model import LlavaModule, TinyLlavaConfig, per_example_nll  # noqa: E402
 from lightning_tive.tive.grads import layer_shapes, per_example_grads  # noqa: E402
 from lightning_tive.tive.projection import Projector, RademacherProjector, build_projector  # noqa: E402
+from lightning_tive.tive_config import ReferenceLora  # noqa: E402
 
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 WIDE_TINY = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16)

@@ -10,59 +10,14 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from fit_helpers import BATCH, DEMO, POOL, SimulatedKill, run_fit
 
 from lightning_tive.callback import TIVESelectionCallback
-from lightning_tive.phases import ReferencePhases
-from lightning_tive.tive_config import ReferenceLora
 from lightning_tive.data.datamodule import LlavaDataModule
 from lightning_tive.data.demo import DemoConfig
 from lightning_tive.model import LlavaModule, TinyLlavaConfig
-
-DEMO = DemoConfig(train_sizes={"color": 24, "shape": 12, "count": 8, "text": 10, "caption": 6}, val_size=2)
-POOL = sum(DEMO.train_sizes.values())
-BATCH = 6
-
-
-class SimulatedKill(RuntimeError):
-    """Stands in for a kill in the middle of valuation (Lightning swallows KeyboardInterrupt)."""
-
-
-class Probe(L.Callback):
-    """Records what training actually sees, and the main weights before the first step."""
-
-    def __init__(self):
-        self.seen: list[int] = []
-        self.weights_at_setup: dict | None = None
-        self.weights_at_train_start: dict | None = None
-
-    def setup(self, trainer, pl_module, stage):
-        self.weights_at_setup = {n: p.detach().clone() for n, p in pl_module.trainable_parameters()}
-
-    def on_fit_start(self, trainer, pl_module):  # runs after TIVE's on_fit_start (callback order)
-        self.weights_at_train_start = {n: p.detach().clone() for n, p in pl_module.trainable_parameters()}
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.seen += batch["pool_index"].tolist()
-
-
-def run_fit(tmp_path, finetune="lora", max_epochs=1, ckpt_path=None, logger=False, demo=DEMO, **tive_kwargs):
-    settings = dict(
-        ratio=0.25, warmup_ratio=0.3, warmup_epochs=1, warmup_lr=1e-3, projector="kronecker", proj_dim=64,
-        reference_lora=ReferenceLora(r=4, alpha=8, dropout=0.0), output_dir=str(tmp_path / "tive"), seed=3,
-        chunk_size=16,
-    )
-    settings.update(tive_kwargs)
-    tive = TIVESelectionCallback(**settings)
-    probe = Probe()
-    module = LlavaModule(tiny=TinyLlavaConfig(), finetune=finetune)
-    dm = LlavaDataModule(demo=demo, batch_size=BATCH, max_length=256, output_dir=str(tmp_path))
-    trainer = L.Trainer(
-        accelerator="cpu", max_epochs=max_epochs, logger=logger, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path,
-        callbacks=[tive, probe, L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
-    )
-    trainer.fit(module, dm, ckpt_path=ckpt_path)
-    return trainer, tive, probe, dm
+from lightning_tive.phases import ReferencePhases
+from lightning_tive.tive_config import ReferenceLora
 
 
 @pytest.fixture(scope="module")
@@ -179,10 +134,52 @@ def test_interrupted_valuation_resumes_from_stored_chunks(tmp_path, monkeypatch)
     assert second.selected.tolist() == first.selected.tolist()
 
 
-def test_wandb_offline_run_holds_the_value_histograms(tmp_path, monkeypatch):
-    from lightning.pytorch.loggers import WandbLogger
+class CapturingWandb:
+    """A WandbLogger whose run is a recorder: what TIVE logs is kept, nothing is sent or written."""
 
-    from lightning_tive.wandb_offline import find_offline_run, read_history
+    @staticmethod
+    def make(save_dir):
+        from types import SimpleNamespace
+
+        from lightning.pytorch.loggers import WandbLogger
+
+        class Capturing(WandbLogger):
+            logged: list
+
+            @property
+            def experiment(self):
+                return SimpleNamespace(log=self.logged.append, config=SimpleNamespace(update=lambda *a, **k: None),
+                                       define_metric=lambda *a, **k: None)
+
+        logger = Capturing(project="capture", offline=True, save_dir=str(save_dir))
+        logger.logged = []
+        return logger
+
+
+def test_wandb_payload_holds_value_histograms_per_task(tmp_path):
+    import wandb
+
+    logger = CapturingWandb.make(tmp_path)
+    _, tive, _, _ = run_fit(tmp_path, logger=logger, stop_after_selection=True)
+    merged = {k: v for row in logger.logged for k, v in row.items()}
+    values = list(__import__("csv").DictReader(open(tmp_path / "tive" / "values.csv")))
+    for task in DEMO.train_sizes:
+        histogram = merged[f"tive/instance_value/{task}"]
+        assert isinstance(histogram, wandb.Histogram) and isinstance(merged[f"tive/grad_norm/{task}"], wandb.Histogram)
+        # the histogram counts exactly the task's examples
+        assert sum(histogram.histogram) == sum(v["task"] == task for v in values)
+    assert merged["tive/budget"] == round(0.25 * POOL) and merged["tive/pool_size"] == POOL
+    table = merged["tive/tasks"]
+    assert isinstance(table, wandb.Table) and [row[0] for row in table.data] == sorted(DEMO.train_sizes)
+    assert isinstance(merged["tive/report"], wandb.Image)
+    assert any("tive/warmup_loss" in row for row in logger.logged)
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_file_holds_the_histograms(tmp_path, monkeypatch):
+    """The real library, offline: the run file written to disk holds what was logged."""
+    from lightning.pytorch.loggers import WandbLogger
+    from wandb_offline import find_offline_run, read_history
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -194,13 +191,8 @@ def test_wandb_offline_run_holds_the_value_histograms(tmp_path, monkeypatch):
     wandb.teardown()  # stops W&B's service, which flushes the run file
     rows = read_history(find_offline_run(tmp_path), wait_s=5)
     merged = {k: v for row in rows for k, v in row.items()}
-    for task in DEMO.train_sizes:
-        assert merged[f"tive/instance_value/{task}"]["_type"] == "histogram"
-        assert merged[f"tive/grad_norm/{task}"]["_type"] == "histogram"
-    assert merged["tive/budget"] == round(0.25 * POOL) and merged["tive/pool_size"] == POOL
-    assert merged["tive/tasks"]["_type"] == "table-file"
-    assert merged["tive/report"]["_type"] == "image-file"
-    assert any("tive/warmup_loss" in row for row in rows)
+    assert all(merged[f"tive/instance_value/{task}"]["_type"] == "histogram" for task in DEMO.train_sizes)
+    assert merged["tive/budget"] == round(0.25 * POOL)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from test_callback import run_fit
+from fit_helpers import run_fit
 
 from lightning_tive.data.demo import DemoConfig
 from lightning_tive.model import LlavaModule

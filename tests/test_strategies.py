@@ -6,7 +6,7 @@ import csv
 
 import numpy as np
 import pytest
-from test_callback import POOL, run_fit
+from fit_helpers import POOL, run_fit
 
 from lightning_tive.phases import ReferencePhases
 from lightning_tive.tive.selection import allocate_budgets, select_from_values, select_top_scores
@@ -122,7 +122,7 @@ def test_perplexity_takes_the_highest_reference_losses(tive_run, tmp_path):
 
 
 def test_stored_tokens_are_each_examples_supervised_tokens(tive_run, processor):
-    from test_callback import BATCH, DEMO
+    from fit_helpers import BATCH, DEMO
 
     from lightning_tive.data.datamodule import LlavaDataModule
 

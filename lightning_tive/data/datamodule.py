@@ -58,7 +58,6 @@ class LlavaDataModule(L.LightningDataModule):
         check_lengths: tokenize every record at setup to find over-long ones before training.
         max_val_per_task: cap on held-out examples per task (keeps validation quick).
         task_eval_kinds: per-task metric (`exact_match`, `token_f1`, `loss_only`); others are inferred.
-        val_max_new_tokens: generation length for validation metrics.
     """
 
     def __init__(
@@ -83,7 +82,6 @@ class LlavaDataModule(L.LightningDataModule):
         check_lengths: bool = True,
         max_val_per_task: int | None = None,
         task_eval_kinds: dict[str, EvalKind] | None = None,
-        val_max_new_tokens: int = 16,
     ):
         super().__init__()
         if on_bad_record not in ("raise", "skip"):
@@ -104,7 +102,6 @@ class LlavaDataModule(L.LightningDataModule):
         self.shuffle_seed = shuffle_seed
         self.check_lengths, self.max_val_per_task = check_lengths, max_val_per_task
         self.task_eval_kinds = dict(task_eval_kinds or {})
-        self.val_max_new_tokens = val_max_new_tokens
         self.processor: Any = None
         self.pool: Pool | None = None
         self.val_pool: Pool | None = None

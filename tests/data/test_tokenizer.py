@@ -1,12 +1,14 @@
 """The offline demo tokenizer: round trips, special tokens, offsets, determinism, reload, cache."""
 
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from lightning_tive.data import tokenizer as demo_tok
-from lightning_tive.data.demo import COLORS, SHAPES
+from lightning_tive.data.demo import COLORS, DEMO_TASKS, SHAPES
 from lightning_tive.data.tokenizer import (
     TOKENIZER_VERSION,
     VICUNA_SYSTEM,
@@ -43,8 +45,15 @@ def tok(built):
     return built[0]
 
 
-def test_vocabulary_is_small(tok):
-    assert len(tok) == 1024
+def test_demo_text_encodes_compactly_without_unknown_tokens(tok):
+    """The small vocabulary covers the demo: no <unk>, and its words take few pieces each."""
+    from lightning_tive.data.demo import DemoConfig, ensure_demo
+
+    records = json.loads(ensure_demo(DemoConfig(train_sizes={t: 20 for t in DEMO_TASKS}, val_size=0)).train_json.read_text())
+    text = " ".join(turn["value"] for r in records for turn in r["conversations"]).replace("<image>", "")
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert tok.unk_token_id not in ids
+    assert len(ids) / len(text.split()) < 1.6
 
 
 def test_special_tokens_have_fixed_single_ids(tok):
