@@ -432,6 +432,8 @@ class LlavaModule(L.LightningModule):
         if self.finetune == "qlora":
             from peft import prepare_model_for_kbit_training
 
+            _keep_4bit_layout_on_cpu(llava)
+
             llava = prepare_model_for_kbit_training(
                 llava,
                 use_gradient_checkpointing=checkpointing,
@@ -720,6 +722,22 @@ def load_llava_projector(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if len(out) != 4:
         raise KeyError(f"{path}: expected 4 projector tensors, found {sorted(state)}")
     return out
+
+
+def _keep_4bit_layout_on_cpu(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights on CPU during eval-mode, no-grad forwards.
+
+    On CPUs with AVX512-BF16, `Linear4bit.forward` converts its weight to a CPU-only packed layout the
+    first time it runs in eval mode without gradients (validation, generation, a loss probe) and does
+    not convert back; training forwards afterwards then get near-zero gradients through the LM, and the
+    frozen 4-bit state changes bit-wise. Keeping the standard layout trades that eval fast path for
+    correct training.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def resize_embeddings(lm: Any, size: int) -> None:

@@ -354,3 +354,26 @@ def test_random_tower_checkpoints_frozen_rebuilt_trained_saved(tmp_path, lm_fold
     loaded = LlavaModule.load_from_checkpoint(ckpt, map_location="cpu")
     want, got = state(full), state(loaded)
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_qlora_eval_forward_keeps_the_4bit_layout_and_training_gradients(demo_dm):
+    module = LlavaModule(tiny=TinyLlavaConfig(), finetune="qlora", lora={"dropout": 0.0})
+    demo_dm.attach_processor(module.processor)
+    batch = next(iter(demo_dm.pool_dataloader(batch_size=4)))
+    q_proj = module.llava.model.language_model.layers[0].self_attn.q_proj
+    packed = q_proj.base_layer.weight.data.clone()
+
+    def lora_grad() -> float:
+        module.zero_grad()
+        module.training_step(batch, 0).backward()
+        return q_proj.lora_B["default"].weight.grad.abs().sum().item()
+
+    module.train()
+    before = lora_grad()
+    module.eval()
+    with torch.no_grad():
+        module.per_example_loss(batch)  # validation-like: eval mode, no gradients
+    module.train()
+    assert torch.equal(q_proj.base_layer.weight.data, packed)
+    assert not getattr(q_proj.base_layer.weight.quant_state, "packing_format_for_cpu", False)
+    assert lora_grad() == pytest.approx(before, rel=1e-4)
