@@ -1,4 +1,4 @@
-"""The LightningCLI for lightning_tive: `fit`, `validate`, `test`, plus `export`."""
+"""The LightningCLI for lightning_tive: `fit`, `validate`, `test`, plus `export` and `fetch-smollm2`."""
 
 from __future__ import annotations
 
@@ -155,5 +155,10 @@ def main(argv: list[str] | None = None) -> None:
     words = sys.argv[1:] if argv is None else argv
     if words and words[0] == "export":
         export_main(words[1:])
+        return
+    if words and words[0] == "fetch-smollm2":
+        from lightning_tive.weights import fetch_main
+
+        fetch_main(words[1:])
         return
     run_cli(argv)  # None: LightningCLI reads sys.argv itself

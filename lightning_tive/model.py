@@ -44,6 +44,40 @@ class TinyLlavaConfig:
 
 
 @dataclass
+class VisionTowerConfig:
+    """A randomly initialised CLIP vision tower (seeded by `init_seed`), to compose with a pretrained LM."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    image_size: int = 64
+    patch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.num_hidden_layers < 2:
+            raise ValueError("vision_config.num_hidden_layers must be >= 2 (LLaVA reads the second-to-last layer)")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("vision_config.hidden_size must be a multiple of num_attention_heads")
+        if self.image_size % self.patch_size:
+            raise ValueError("vision_config.image_size must be a multiple of patch_size")
+
+    def clip_config(self) -> Any:
+        """The `CLIPVisionConfig` it describes."""
+        from transformers import CLIPVisionConfig
+
+        return CLIPVisionConfig(
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            projection_dim=self.hidden_size,
+        )
+
+
+@dataclass
 class LoraSettings:
     """LoRA hyper-parameters; `target_modules` are suffixes inside the language model's layers only."""
 
@@ -100,14 +134,19 @@ class LlavaModule(L.LightningModule):
     """LLaVA-1.5 visual instruction tuning.
 
     Build paths (exactly one): `pretrained` (a HF LLaVA checkpoint or folder); `language_model` +
-    `vision_tower` (+ `projector_path` in the original `mm_projector.bin` format), as LLaVA-1.5 stage 2
-    starts; or `tiny` (random weights from a small config, seeded by `init_seed`).
+    (`vision_tower` or `vision_config`) (+ `projector_path` in the original `mm_projector.bin` format),
+    as LLaVA-1.5 stage 2 starts; or `tiny` (random weights from a small config, seeded by `init_seed`).
 
     Args:
         pretrained: HF LLaVA model id or local folder.
-        language_model: causal LM id or folder (path b).
-        vision_tower: CLIP vision id or folder (path b).
-        projector_path: stage-1 projector weights (`model.mm_projector.{0,2}.*`) (path b).
+        language_model: causal LM id or folder (path b); with `gguf_file`, the folder holding that file.
+        vision_tower: pretrained CLIP vision id or folder (path b).
+        projector_path: stage-1 projector weights (`model.mm_projector.{0,2}.*`) (path b); trained against
+            the same vision tower (for a `vision_config` tower: the same config and `init_seed`).
+        gguf_file: a GGUF file name inside `language_model` (path b); the LM and its tokenizer are read
+            from it, dequantised once and cached as safetensors (needs the `gguf` package).
+        vision_config: a randomly initialised CLIP vision tower, seeded by `init_seed` (path b, instead of
+            `vision_tower`); its image processor is built offline.
         tiny: tiny random LLaVA config (path c).
         tokenizer: tokenizer folder for path c (`demo` builds the offline demo tokenizer).
         finetune: `full`, `lora` or `qlora` (4-bit NF4 base via bitsandbytes).
@@ -121,7 +160,8 @@ class LlavaModule(L.LightningModule):
         optimizer: optimizer callable over parameter groups.
         lr_scheduler: `(optimizer, total_steps) -> scheduler`, stepped per optimizer step; None for constant.
         val_max_new_tokens: greedy generation length for validation metrics.
-        init_seed: seed for the tiny model's random weights (so a rebuild gives the same weights).
+        init_seed: seed for random weights (the tiny model, a `vision_config` tower, a fresh projector),
+            so a rebuild from a checkpoint gives the same frozen weights.
         init_from: a checkpoint written by `fit` (e.g. a stage-1 run) whose weights replace the built
             ones before fine-tuning starts; it must come from the same build source (checked).
     """
@@ -132,6 +172,8 @@ class LlavaModule(L.LightningModule):
         language_model: str | None = None,
         vision_tower: str | None = None,
         projector_path: str | None = None,
+        gguf_file: str | None = None,
+        vision_config: VisionTowerConfig | None = None,
         tiny: TinyLlavaConfig | None = None,
         tokenizer: str | None = None,
         finetune: FinetuneMode = "lora",
@@ -149,13 +191,27 @@ class LlavaModule(L.LightningModule):
         init_from: str | None = None,
     ):
         super().__init__()
-        sources = [pretrained is not None, language_model is not None or vision_tower is not None, tiny is not None]
-        if sum(sources) != 1:
+        composed = language_model is not None or vision_tower is not None or vision_config is not None
+        if sum([pretrained is not None, composed, tiny is not None]) != 1:
             raise ValueError(
-                "model: give exactly one of `pretrained`, (`language_model` + `vision_tower`), or `tiny`"
+                "model: give exactly one of `pretrained`, (`language_model` + `vision_tower` or "
+                "`vision_config`), or `tiny`"
             )
-        if (language_model is None) != (vision_tower is None):
-            raise ValueError("model: `language_model` and `vision_tower` go together")
+        if composed and language_model is None:
+            raise ValueError("model: `vision_tower` / `vision_config` need a `language_model` to compose with")
+        if composed and (vision_tower is None) == (vision_config is None):
+            raise ValueError(
+                "model: `language_model` takes exactly one vision source: `vision_tower` (pretrained CLIP) "
+                "or `vision_config` (random CLIP tower)"
+            )
+        if gguf_file is not None and language_model is None:
+            raise ValueError("model: `gguf_file` names a file inside the `language_model` folder; give both")
+        if projector_path is not None and not composed:
+            raise ValueError("model: `projector_path` is for the composed path (`language_model` + vision tower)")
+        if tokenizer is not None and tiny is None:
+            raise ValueError(
+                "model: `tokenizer` is for the `tiny` path; `pretrained` and `language_model` bring their own"
+            )
         if finetune not in ("full", "lora", "qlora"):
             raise ValueError(f"model.finetune must be full|lora|qlora, got {finetune!r}")
         if torch_dtype not in (None, "bfloat16", "float16", "float32"):
@@ -163,9 +219,12 @@ class LlavaModule(L.LightningModule):
         # Dataclass arguments may arrive as dicts (LightningCLI, load_from_checkpoint); hyper-parameters
         # keep plain dicts so checkpoints load with `weights_only=True`.
         tiny = TinyLlavaConfig(**tiny) if isinstance(tiny, dict) else tiny
+        vision_config = VisionTowerConfig(**vision_config) if isinstance(vision_config, dict) else vision_config
         lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
         self.tiny = tiny
+        self.vision_config = vision_config
         tiny = None if tiny is None else asdict(tiny)  # noqa: F841 (read by save_hyperparameters)
+        vision_config = None if vision_config is None else asdict(vision_config)  # noqa: F841 (idem)
         lora_settings, lora = lora, None if lora is None else asdict(lora)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         lora = lora_settings
@@ -174,8 +233,11 @@ class LlavaModule(L.LightningModule):
             "language_model": language_model,
             "vision_tower": vision_tower,
             "projector_path": projector_path,
+            "gguf_file": gguf_file,
             "tokenizer": tokenizer,
         }
+        self.load_seconds: dict[str, float | bool] = {}  # language-model load timings (GGUF path)
+        self._lm_dir: str | None = None
         self.torch_dtype = torch_dtype
         self.init_seed = init_seed
         self.init_from = init_from
@@ -203,6 +265,21 @@ class LlavaModule(L.LightningModule):
     def _load_dtype(self) -> torch.dtype | None:
         return getattr(torch, self.torch_dtype) if self.torch_dtype else None
 
+    def _language_model_dir(self) -> str:
+        """Where the composed path loads the LM and its tokenizer: `language_model`, or the float cache
+        of `gguf_file` (dequantised the first time)."""
+        if self._lm_dir is None:
+            src = self.sources
+            if src["gguf_file"] is None:
+                self._lm_dir = src["language_model"]
+            else:
+                from lightning_tive.weights import gguf_language_model_dir
+
+                folder, timings = gguf_language_model_dir(Path(src["language_model"]) / src["gguf_file"])
+                self._lm_dir = str(folder)
+                self.load_seconds.update(timings)
+        return self._lm_dir
+
     def _build_processor(self) -> Any:
         from transformers import AutoProcessor, AutoTokenizer, LlavaProcessor
         from transformers.models.clip import CLIPImageProcessorPil
@@ -217,17 +294,17 @@ class LlavaModule(L.LightningModule):
 
                 tok_path = str(demo_tokenizer_path())
             tokenizer = AutoTokenizer.from_pretrained(tok_path)
-            size = self.tiny.image_size
-            image_processor = CLIPImageProcessorPil(
-                size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-            )
-            patch = self.tiny.patch_size
+            image_processor, patch = _offline_image_processor(self.tiny.image_size), self.tiny.patch_size
         else:
             from transformers import CLIPVisionConfig
 
-            tokenizer = AutoTokenizer.from_pretrained(src["language_model"], use_fast=True)
-            image_processor = CLIPImageProcessorPil.from_pretrained(src["vision_tower"])
-            patch = CLIPVisionConfig.from_pretrained(src["vision_tower"]).patch_size
+            tokenizer = AutoTokenizer.from_pretrained(self._language_model_dir(), use_fast=True)
+            if self.vision_config is not None:
+                image_processor = _offline_image_processor(self.vision_config.image_size)
+                patch = self.vision_config.patch_size
+            else:
+                image_processor = CLIPImageProcessorPil.from_pretrained(src["vision_tower"])
+                patch = CLIPVisionConfig.from_pretrained(src["vision_tower"]).patch_size
         _ensure_special_tokens(tokenizer)
         return LlavaProcessor(
             image_processor=image_processor,
@@ -328,25 +405,41 @@ class LlavaModule(L.LightningModule):
         return model
 
     def _compose_from_parts(self) -> Any:
+        import time
+
         from transformers import AutoModelForCausalLM, CLIPVisionModel, LlavaForConditionalGeneration
 
         src = self.sources
-        lm = AutoModelForCausalLM.from_pretrained(src["language_model"], dtype=self._load_dtype())
-        vision = CLIPVisionModel.from_pretrained(src["vision_tower"], dtype=self._load_dtype())
+        dtype = self._load_dtype() or torch.float32
+        start = time.perf_counter()
+        lm = AutoModelForCausalLM.from_pretrained(self._language_model_dir(), dtype=self._load_dtype())
+        self.load_seconds["language_model_s"] = time.perf_counter() - start
         tokenizer = self.processor.tokenizer
-        if len(tokenizer) > lm.get_input_embeddings().weight.shape[0]:
-            lm.resize_token_embeddings(len(tokenizer))
-        config = self._llava_config(vision.config, lm.config)
+        resize_embeddings(lm, len(tokenizer))
+        if self.vision_config is not None:
+            vision_config = self.vision_config.clip_config()
+            vision = None
+        else:
+            vision = CLIPVisionModel.from_pretrained(src["vision_tower"], dtype=self._load_dtype())
+            vision_config = vision.config
+        config = self._llava_config(vision_config, lm.config)
         with torch.device("meta"):
             model = LlavaForConditionalGeneration(config)
+        # Random parts come from `init_seed` alone, so a rebuild (checkpoint load, export) matches.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.init_seed)
+            if vision is None:
+                vision = CLIPVisionModel(vision_config).to(dtype)
+            projector = type(model.model.multi_modal_projector)(config)  # fresh, on CPU
         model.model.vision_tower = vision
         model.model.language_model = lm.model
         model.lm_head = lm.lm_head
-        projector = type(model.model.multi_modal_projector)(config)  # fresh, on CPU
         if src["projector_path"] is not None:
             projector.load_state_dict(load_llava_projector(src["projector_path"]))
-        model.model.multi_modal_projector = projector.to(self._load_dtype() or torch.float32)
+        model.model.multi_modal_projector = projector.to(dtype)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+        eos = lm.generation_config.eos_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id if eos is None else eos
         return model
 
     def _apply_finetune_mode(
@@ -357,6 +450,8 @@ class LlavaModule(L.LightningModule):
             llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.finetune == "qlora":
             from peft import prepare_model_for_kbit_training
+
+            _keep_4bit_layout_on_cpu(llava)
 
             llava = prepare_model_for_kbit_training(
                 llava,
@@ -650,7 +745,10 @@ class LlavaModule(L.LightningModule):
         return output_dir
 
 
-BUILD_SOURCE_KEYS = ("pretrained", "language_model", "vision_tower", "projector_path", "tiny", "tokenizer", "init_seed")
+BUILD_SOURCE_KEYS = (
+    "pretrained", "language_model", "gguf_file", "vision_tower", "vision_config", "projector_path", "tiny", "tokenizer",
+    "init_seed",
+)
 
 
 def load_init_weights(model: torch.nn.Module, ckpt_path: str | os.PathLike, source: dict, _seen: tuple = ()) -> None:
@@ -708,6 +806,47 @@ def load_llava_projector(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if len(out) != 4:
         raise KeyError(f"{path}: expected 4 projector tensors, found {sorted(state)}")
     return out
+
+
+def _keep_4bit_layout_on_cpu(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights on CPU during eval-mode, no-grad forwards.
+
+    On CPUs with AVX512-BF16, `Linear4bit.forward` converts its weight to a CPU-only packed layout the
+    first time it runs in eval mode without gradients (validation, generation, a loss probe) and does
+    not convert back; training forwards afterwards then get near-zero gradients through the LM, and the
+    frozen 4-bit state changes bit-wise. Keeping the standard layout trades that eval fast path for
+    correct training.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def resize_embeddings(lm: Any, size: int) -> None:
+    """Grow the LM's token embeddings (and an untied `lm_head`) to `size` rows, deterministically.
+
+    Existing rows are kept bit for bit; each new row is the mean of the old ones (no random draw, so a
+    rebuild from a checkpoint gives the same frozen weights). Tied embeddings stay tied.
+    """
+    old = lm.get_input_embeddings().weight.shape[0]
+    if size <= old:
+        return
+    lm.resize_token_embeddings(size, mean_resizing=False)
+    with torch.no_grad():
+        embed = lm.get_input_embeddings().weight
+        embed[old:] = embed[:old].mean(dim=0, keepdim=True)
+        head = lm.get_output_embeddings()
+        if head is not None and head.weight is not embed:
+            head.weight[old:] = head.weight[:old].mean(dim=0, keepdim=True)
+
+
+def _offline_image_processor(size: int) -> Any:
+    """A CLIP-style image processor for `size`-pixel images, built without any download."""
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
 def _ensure_special_tokens(tokenizer: Any) -> None:

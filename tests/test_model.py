@@ -253,3 +253,141 @@ def test_checkpoint_from_another_configuration_is_refused(tiny_module):
         tiny_module.on_load_checkpoint(checkpoint)
     checkpoint["lightning_tive_trainable"].pop()
     tiny_module.on_load_checkpoint(checkpoint)  # the same trainable set loads
+
+
+# ---------------------------------------------------------------- a pretrained LM + a random CLIP tower
+TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "image_size": 64, "patch_size": 16}
+
+
+@pytest.fixture(scope="module")
+def lm_folder(tmp_path_factory, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("lm")
+    torch.manual_seed(0)
+    LlamaForCausalLM(
+        LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)
+    ).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_random_vision_tower_is_rebuilt_from_its_seed(lm_folder):
+    a = LlavaModule(language_model=lm_folder, vision_config=TOWER, finetune="lora")
+    b = LlavaModule(language_model=lm_folder, vision_config=TOWER, finetune="lora")
+    c = LlavaModule(language_model=lm_folder, vision_config=TOWER, finetune="lora", init_seed=1)
+    for part in ("vision_tower", "multi_modal_projector"):
+        sa, sb, sc = (getattr(m.llava.model, part).state_dict() for m in (a, b, c))
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+        assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+    tower = a.llava.model.vision_tower.config
+    assert (tower.hidden_size, tower.num_hidden_layers, tower.image_size, tower.patch_size) == (32, 2, 64, 16)
+    assert a.processor.image_processor.crop_size == {"height": 64, "width": 64}
+    assert a.processor.patch_size == 16 and a.llava.config.image_seq_length == 16
+    assert a.llava.lm_head.weight is a.llava.model.language_model.embed_tokens.weight  # tying survives
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_resize_embeddings_keeps_pretrained_rows_and_is_deterministic(tied):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_tive.model import resize_embeddings
+
+    lms = []
+    for seed in (0, 1):  # the global RNG state must not matter
+        torch.manual_seed(0)
+        lm = LlamaForCausalLM(
+            LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied)
+        )
+        before_in, before_out = lm.get_input_embeddings().weight.clone(), lm.lm_head.weight.clone()
+        torch.manual_seed(seed)
+        resize_embeddings(lm, 42)
+        embed, head = lm.get_input_embeddings().weight, lm.lm_head.weight
+        assert embed.shape == (42, 16) and head.shape == (42, 16) and lm.config.vocab_size == 42
+        assert torch.equal(embed[:40], before_in) and torch.equal(head[:40], before_out)
+        assert (head is embed) == tied
+        lms.append(lm)
+    assert torch.equal(lms[0].lm_head.weight, lms[1].lm_head.weight)
+    assert torch.equal(lms[0].get_input_embeddings().weight[40], before_in.mean(0))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"vision_config": TOWER}, "need a `language_model`"),
+        ({"language_model": "x"}, "exactly one vision source"),
+        ({"language_model": "x", "vision_tower": "y", "vision_config": TOWER}, "exactly one vision source"),
+        ({"tiny": {}, "vision_config": TOWER}, "give exactly one of"),
+        ({"pretrained": "p", "gguf_file": "f.gguf"}, "give both"),
+        ({"tiny": {}, "gguf_file": "f.gguf"}, "give both"),
+        ({"tiny": {}, "projector_path": "p.bin"}, "`projector_path` is for the composed path"),
+        ({"language_model": "x", "vision_config": TOWER, "tokenizer": "demo"}, "`tokenizer` is for the `tiny` path"),
+        ({"language_model": "x", "vision_config": {**TOWER, "num_hidden_layers": 1}}, "second-to-last"),
+    ],
+)
+def test_inconsistent_build_arguments_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LlavaModule(**kwargs)
+
+
+def _fit_and_checkpoint(module, tmp_path, steps=2):
+    dm = LlavaDataModule(demo=SMALL_DEMO, max_length=256, batch_size=4, output_dir=str(tmp_path))
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path,
+    )
+    trainer.fit(module, dm)
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    return ckpt
+
+
+def test_random_tower_checkpoints_frozen_rebuilt_trained_saved(tmp_path, lm_folder):
+    optimizer = lambda params: torch.optim.AdamW(params, lr=1e-2)  # noqa: E731
+    # LoRA: the frozen random tower is not in the checkpoint and comes back identical from init_seed.
+    lora = LlavaModule(language_model=lm_folder, vision_config=TOWER, finetune="lora", init_seed=5,
+                       optimizer=optimizer, lr_scheduler=None)
+    ckpt = _fit_and_checkpoint(lora, tmp_path / "lora")
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    assert not any("vision_tower" in k for k in saved)
+    loaded = LlavaModule.load_from_checkpoint(ckpt, map_location="cpu")
+    want, got = state(lora), state(loaded)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+    # Full fine-tuning with a training tower: the tower is saved, and the loaded module has its trained weights.
+    full = LlavaModule(language_model=lm_folder, vision_config=TOWER, finetune="full", freeze_vision_tower=False,
+                       optimizer=optimizer, lr_scheduler=None)
+    initial = {k: v.clone() for k, v in full.llava.model.vision_tower.state_dict().items()}
+    ckpt = _fit_and_checkpoint(full, tmp_path / "full")
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    tower_keys = [k for k in saved if ".vision_tower." in k]
+    assert tower_keys and not all(torch.equal(saved[k], initial[k.split(".vision_tower.")[1]]) for k in tower_keys)
+    loaded = LlavaModule.load_from_checkpoint(ckpt, map_location="cpu")
+    want, got = state(full), state(loaded)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_qlora_eval_forward_keeps_the_4bit_layout_and_training_gradients(demo_dm):
+    module = LlavaModule(tiny=TinyLlavaConfig(), finetune="qlora", lora={"dropout": 0.0})
+    demo_dm.attach_processor(module.processor)
+    batch = next(iter(demo_dm.pool_dataloader(batch_size=4)))
+    q_proj = module.llava.model.language_model.layers[0].self_attn.q_proj
+    packed = q_proj.base_layer.weight.data.clone()
+
+    def lora_grad() -> float:
+        module.zero_grad()
+        module.training_step(batch, 0).backward()
+        return q_proj.lora_B["default"].weight.grad.abs().sum().item()
+
+    module.train()
+    before = lora_grad()
+    module.eval()
+    with torch.no_grad():
+        module.per_example_loss(batch)  # validation-like: eval mode, no gradients
+    module.train()
+    assert torch.equal(q_proj.base_layer.weight.data, packed)
+    assert not getattr(q_proj.base_layer.weight.quant_state, "packing_format_for_cpu", False)
+    assert lora_grad() == pytest.approx(before, rel=1e-4)

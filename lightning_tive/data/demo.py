@@ -27,6 +27,7 @@ import PIL
 from PIL import Image, ImageDraw, ImageFont, features
 
 from lightning_tive.files import build_cache_folder
+from lightning_tive.paths import default_cache_root
 
 # Bump whenever records or pixels for an unchanged config would change: it keys the cache.
 GENERATOR_VERSION = 1
@@ -183,12 +184,6 @@ class DemoPaths:
         """The standard layout below `root`."""
         root = Path(root)
         return cls(root, root / "train.json", root / "val.json", root / "images")
-
-
-def default_cache_root() -> Path:
-    """Cache root shared by the demo and the demo tokenizer: $LIGHTNING_TIVE_CACHE or ~/.cache/lightning_tive."""
-    env = os.environ.get("LIGHTNING_TIVE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "lightning_tive"
 
 
 # --------------------------------------------------------------------------- drawing

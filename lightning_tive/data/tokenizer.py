@@ -165,7 +165,7 @@ def build_demo_tokenizer(save_dir: str | Path | None = None) -> PreTrainedTokeni
 
 def demo_tokenizer_path(cache_dir: str | Path | None = None) -> Path:
     """Build the demo tokenizer once into the cache (race-safe) and return its folder."""
-    from lightning_tive.data.demo import default_cache_root
+    from lightning_tive.paths import default_cache_root
 
     root = Path(cache_dir) if cache_dir is not None else default_cache_root()
     return build_cache_folder(root / f"tokenizer-v{TOKENIZER_VERSION}", build_demo_tokenizer, "tokenizer.json")
