@@ -10,27 +10,36 @@ Random matrices never touch the global RNG, so every process, rank and device se
 projection. ``rademacher`` computes its ±1 entries on the gradient's device from a counter-based
 integer hash of ``(seed, layer, coordinate, output dim)``; ``kronecker``'s small per-layer factors
 are drawn once on the CPU from ``torch.Generator`` objects seeded with :func:`derive_seed` and
-cached on the device.
+cached on the device. :func:`estimate_projection_cost` times a representative piece of any
+projector and extrapolates, so a caller can refuse a projection that would be too slow
+(:func:`check_projection_cost`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "MAX_COST_SETTING",
     "PROJECTOR_KINDS",
     "IdentityProjector",
     "KroneckerProjector",
+    "ProjectionTooSlow",
     "Projector",
     "RademacherProjector",
     "build_projector",
+    "check_projection_cost",
     "derive_seed",
+    "estimate_projection_cost",
+    "format_projection_cost",
     "kronecker_shares",
 ]
 
@@ -475,6 +484,181 @@ class KroneckerProjector(Projector):
     def describe(self) -> dict:
         """Return a JSON-able description including every layer's share and factor sizes."""
         return {**super().describe(), "layers": [dict(r) for r in self.shares]}
+
+
+#: The callback setting that bounds :func:`estimate_projection_cost`'s seconds per example.
+MAX_COST_SETTING = "tive.max_projection_s_per_example"
+
+
+class ProjectionTooSlow(ValueError):
+    """The estimated projection time per example exceeds the configured limit."""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best_time(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Return the fastest of ``repeats`` timed calls of ``fn`` (after its caller's warm-up)."""
+    best = math.inf
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _estimate_rademacher(proj: RademacherProjector, device: torch.device, batch: int, repeats: int) -> dict:
+    rows = min(proj.block_size, max(o * i for o, i in proj.layer_shapes))
+    keys = proj._keys[0]
+    scale = 1.0 / math.sqrt(proj.proj_dim)
+    # Warm-up on a tiny block: kernel loading and allocator start-up are not part of the steady state.
+    _rademacher_block(keys, 0, min(rows, 32), proj.proj_dim, device)
+    grads = torch.full((batch, rows), 0.01, device=device)
+    out = torch.zeros(batch, proj.proj_dim, device=device)
+    held: list[Tensor] = []
+
+    def draw() -> None:
+        held.clear()  # free the previous block first: two would double the peak memory
+        held.append(_rademacher_block(keys, 0, rows, proj.proj_dim, device))
+
+    draw_s = _best_time(draw, device, repeats)
+    matmul_s = _best_time(lambda: out.add_(grads @ held[0], alpha=scale), device, repeats)
+    factor = proj.full_dim / rows
+    entries = proj.full_dim * proj.proj_dim
+    draw_batch = 0.0 if proj.caches_all else draw_s * factor
+    return {
+        "seconds_per_batch": draw_batch + matmul_s * factor,
+        "draw_s_per_batch": draw_batch,
+        "matmul_s_per_batch": matmul_s * factor,
+        "first_batch_s": (draw_s + matmul_s) * factor,
+        "random_entries": entries,
+        "random_entries_per_batch": 0 if proj.caches_all else entries,
+        "block_size": proj.block_size,
+        "cached": proj.caches_all,
+        "scale": factor,
+        "timed": (
+            f"one block of {rows} coordinates x {proj.proj_dim} dims "
+            f"(draw {draw_s:.3g} s, matmul {matmul_s:.3g} s)"
+        ),
+    }
+
+
+def _estimate_by_layer(proj: Projector, device: torch.device, batch: int, tokens: int, repeats: int) -> dict:
+    """Time one ``project_layer`` call per distinct layer shape and multiply by how many layers share it."""
+    groups: dict[LayerShape, list[int]] = {}
+    for layer, shape in enumerate(proj.layer_shapes):
+        groups.setdefault(shape, []).append(layer)
+    total, parts = 0.0, []
+    for (d_out, d_in), layers in groups.items():
+        layer = layers[0]
+        if isinstance(proj, IdentityProjector):
+            # A one-layer identity of this shape: the full [B, full_dim] output would not fit at 7B.
+            target, layer = IdentityProjector(None, proj.seed, [(d_out, d_in)]), 0
+        else:
+            target = proj
+        out = torch.zeros(batch, target.proj_dim, device=device)
+        if target.needs_full_grad:
+            kwargs = {"grad": torch.full((batch, d_out, d_in), 0.01, device=device)}
+        else:
+            kwargs = {
+                "inputs": torch.full((batch, tokens, d_in), 0.01, device=device),
+                "grad_outputs": torch.full((batch, tokens, d_out), 0.01, device=device),
+            }
+        target.project_layer(out, layer, **kwargs)  # warm-up: draws and caches kronecker factors
+        seconds = _best_time(functools.partial(target.project_layer, out, layer, **kwargs), device, repeats)
+        total += seconds * len(layers)
+        parts.append(f"{(d_out, d_in)} x{len(layers)}: {seconds:.3g} s")
+    entries = 0
+    if isinstance(proj, KroneckerProjector):
+        for row in proj.shares:
+            if row["mode"] == "projected":
+                for k, d, side in (
+                    (row["k_out"], row["d_out"], row["out_side"]),
+                    (row["k_in"], row["d_in"], row["in_side"]),
+                ):
+                    entries += k * d if side == "rademacher" else 2 * d
+    return {
+        "seconds_per_batch": total,
+        "random_entries": entries,
+        # Kronecker's factors are drawn once and cached; identity draws nothing.
+        "random_entries_per_batch": 0,
+        "scale": len(proj.layer_shapes) / len(groups),
+        "timed": "one project_layer call per layer shape (" + "; ".join(parts) + ")",
+    }
+
+
+def estimate_projection_cost(
+    projector: Projector,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    tokens: int = 1024,
+    repeats: int = 1,
+) -> dict:
+    """Time a representative piece of ``projector`` on ``device`` and extrapolate to one batch of the adapter.
+
+    ``rademacher`` times one block (draw + matmul) and scales by ``full_dim / block rows``;
+    ``kronecker`` times one call per distinct layer shape on ``tokens``-token factors (``tokens`` is
+    used by kronecker only); ``identity`` one copy per shape. Covers the projection only
+    (``project_layer``), not the forward/backward or materialising per-example gradients.
+    Returns ``seconds_per_batch``, ``seconds_per_example``, ``random_entries_per_batch`` (±1 entries
+    generated per batch in steady state), ``random_entries`` (all entries defining the projection),
+    ``timed`` (what was measured), ``scale`` and ``estimate_wall_s``, plus the settings.
+    """
+    device = torch.device(device)
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(tokens, bool) or int(tokens) != tokens or tokens <= 0:
+        raise ValueError(f"tokens must be a positive integer, got {tokens!r}")
+    clock = time.perf_counter()
+    with torch.no_grad():
+        if isinstance(projector, RademacherProjector):
+            est = _estimate_rademacher(projector, device, int(batch_size), max(1, repeats))
+        else:
+            est = _estimate_by_layer(projector, device, int(batch_size), int(tokens), max(1, repeats))
+    return {
+        "kind": projector.kind,
+        "device": str(device),
+        "batch_size": int(batch_size),
+        "tokens": int(tokens),
+        "proj_dim": projector.proj_dim,
+        "full_dim": projector.full_dim,
+        **est,
+        "seconds_per_example": est["seconds_per_batch"] / batch_size,
+        "estimate_wall_s": time.perf_counter() - clock,
+    }
+
+
+def format_projection_cost(estimate: dict) -> str:
+    """Return a one-line, human-readable summary of an :func:`estimate_projection_cost` result."""
+    return (
+        f"projector={estimate['kind']} on {estimate['device']}: "
+        f"~{estimate['seconds_per_example']:.3g} s per example "
+        f"({estimate['seconds_per_batch']:.3g} s per batch of {estimate['batch_size']}, "
+        f"{estimate['random_entries_per_batch']:.3g} random entries per batch; "
+        f"estimated from {estimate['timed']})"
+    )
+
+
+def check_projection_cost(estimate: dict, limit_s_per_example: float | None) -> None:
+    """Raise :class:`ProjectionTooSlow` when ``estimate`` exceeds ``limit_s_per_example`` (None: no limit)."""
+    if limit_s_per_example is None:
+        return
+    seconds = estimate["seconds_per_example"]
+    if not seconds <= limit_s_per_example:
+        hint = (
+            "use `projector: kronecker` (structured, never forms the full gradient)"
+            if estimate["kind"] != "kronecker"
+            else "lower proj_dim"
+        )
+        raise ProjectionTooSlow(
+            f"the projection is estimated at {seconds:.3g} s per example, above the limit "
+            f"{MAX_COST_SETTING}={limit_s_per_example:g} ({format_projection_cost(estimate)}); "
+            f"{hint}, or raise {MAX_COST_SETTING}"
+        )
 
 
 def build_projector(

@@ -15,8 +15,11 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_tive.tive.projection import (
     KroneckerProjector,
+    ProjectionTooSlow,
     RademacherProjector,
     build_projector,
+    check_projection_cost,
+    estimate_projection_cost,
     kronecker_shares,
 )
 
@@ -397,3 +400,88 @@ def test_describe_lists_kronecker_shares():
     desc = proj.describe()
     assert desc["kind"] == "kronecker" and desc["proj_dim"] == 100
     assert [r["share"] for r in desc["layers"]] == [25, 25, 25, 25]
+
+
+@pytest.mark.parametrize("kind", ["identity", "rademacher", "kronecker"])
+def test_cost_estimate_is_positive_and_random_entries_scale_with_the_adapter(kind):
+    dim = None if kind == "identity" else 256
+    options = {"cache_bytes": 0} if kind == "rademacher" else {}
+    small = build_projector(kind, dim, 0, LORA_SHAPES, **options)
+    big = build_projector(kind, dim, 0, LORA_SHAPES * 4, **options)
+    est = estimate_projection_cost(small, "cpu", batch_size=4, tokens=16)
+    est_big = estimate_projection_cost(big, "cpu", batch_size=4, tokens=16)
+    for e in (est, est_big):
+        assert e["kind"] == kind and e["batch_size"] == 4
+        assert 0 < e["seconds_per_batch"] < math.inf
+        assert e["seconds_per_example"] == pytest.approx(e["seconds_per_batch"] / 4)
+        assert e["estimate_wall_s"] < 5  # small adapters: a handful of tiny timed calls
+        json.dumps(e)  # printable and storable as is
+    if kind == "rademacher":
+        assert est["random_entries_per_batch"] == est["random_entries"] == small.full_dim * 256
+        assert est_big["random_entries_per_batch"] == 4 * est["random_entries_per_batch"]
+    elif kind == "kronecker":
+        # Small factors, drawn once and cached: nothing is drawn per batch; the count is the factors' size
+        # (k x d for a +-1 side, d indices and d signs for a permutation).
+        assert est["random_entries_per_batch"] == est_big["random_entries_per_batch"] == 0
+        for proj, e in ((small, est), (big, est_big)):
+            expected = sum(
+                k * d if side == "rademacher" else 2 * d
+                for r in proj.shares
+                if r["mode"] == "projected"
+                for k, d, side in (
+                    (r["k_out"], r["d_out"], r["out_side"]),
+                    (r["k_in"], r["d_in"], r["in_side"]),
+                )
+            )
+            assert e["random_entries"] == expected > 0
+    else:
+        assert est["random_entries"] == est["random_entries_per_batch"] == 0
+
+
+def test_rademacher_cost_estimate_counts_a_cached_r_once():
+    proj = RademacherProjector(256, 0, LORA_SHAPES)  # R is 3 MiB: cached
+    est = estimate_projection_cost(proj, "cpu", batch_size=2)
+    assert est["cached"] and est["random_entries_per_batch"] == 0 and est["draw_s_per_batch"] == 0
+    assert est["random_entries"] == proj.full_dim * 256
+    assert est["first_batch_s"] >= est["seconds_per_batch"] > 0
+
+
+def test_rademacher_cost_estimate_times_one_block_of_a_7b_adapter():
+    # The whole R of LLaVA-7B's attention LoRA (r=128) has 1.1e12 entries per batch; the estimate must time
+    # one block and extrapolate, so it takes about as long as one block.
+    proj = RademacherProjector(8192, 0, [(128, 4096), (4096, 128)] * 128, block_size=512)
+    est = estimate_projection_cost(proj, "cpu", batch_size=8)
+    assert est["random_entries_per_batch"] == 134_217_728 * 8192
+    assert est["scale"] == 134_217_728 / 512
+    assert est["timed"].startswith("one block of 512 coordinates")
+    assert est["seconds_per_batch"] == pytest.approx(est["draw_s_per_batch"] + est["matmul_s_per_batch"])
+    assert est["estimate_wall_s"] < 10
+
+
+def test_check_projection_cost_refuses_above_the_limit_and_names_the_setting():
+    est = {
+        "kind": "rademacher",
+        "device": "cpu",
+        "batch_size": 8,
+        "seconds_per_batch": 9.6,
+        "seconds_per_example": 1.2,
+        "random_entries_per_batch": 1.1e12,
+        "timed": "one block",
+    }
+    check_projection_cost(est, None)
+    check_projection_cost(est, 1.5)
+    with pytest.raises(ProjectionTooSlow) as info:
+        check_projection_cost(est, 0.5)
+    assert isinstance(info.value, ValueError)
+    message = str(info.value)
+    for part in (
+        "1.2 s per example",
+        "tive.max_projection_s_per_example=0.5",
+        "projector: kronecker",
+        "1.1e+12",
+    ):
+        assert part in message
+    with pytest.raises(ProjectionTooSlow, match="lower proj_dim"):
+        check_projection_cost({**est, "kind": "kronecker"}, 0.5)
+    with pytest.raises(ProjectionTooSlow):  # a NaN estimate is never taken as fast enough
+        check_projection_cost({**est, "seconds_per_example": math.nan}, 0.5)
