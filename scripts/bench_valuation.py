@@ -298,8 +298,8 @@ def build_bench(
         )
         bench.info["rademacher_estimate"] = (
             "val:none time (the engine without projection), plus the time of one adapter layer projected by "
-            "a rademacher projector with no block cache (every block drawn, as for all but 8 of the wide "
-            "model's 2048 blocks) scaled by adapter_dims / layer dims"
+            "a rademacher projector with no block cache (every block drawn, as for the wide model, whose R "
+            "is far beyond the cache) scaled by adapter_dims / layer dims"
         )
     for kind in spec.projectors:
         bench.arms[f"val:{kind}"] = val_arm(kind)

@@ -6,29 +6,40 @@ weight of shape ``(d_out, d_in)``) to one vector of ``proj_dim`` numbers. The re
 cheaper per-layer entry point :meth:`Projector.project_layer`, which for ``kronecker`` works on the
 layer's inputs and output-gradients directly.
 
-All random matrices are drawn on the CPU from ``torch.Generator`` objects seeded with
-:func:`derive_seed` ``(seed, kind, layer, block/side)``. They never touch the global RNG, so every
-process (and every device, since they are moved after being drawn) sees the same projection.
+Random matrices never touch the global RNG, so every process, rank and device sees the same
+projection. ``rademacher`` computes its ±1 entries on the gradient's device from a counter-based
+integer hash of ``(seed, layer, coordinate, output dim)``; ``kronecker``'s small per-layer factors
+are drawn once on the CPU from ``torch.Generator`` objects seeded with :func:`derive_seed` and
+cached on the device. :func:`estimate_projection_cost` times a representative piece of any
+projector and extrapolates, so a caller can refuse a projection that would be too slow
+(:func:`check_projection_cost`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "MAX_COST_SETTING",
     "PROJECTOR_KINDS",
     "IdentityProjector",
     "KroneckerProjector",
+    "ProjectionTooSlow",
     "Projector",
     "RademacherProjector",
     "build_projector",
+    "check_projection_cost",
     "derive_seed",
+    "estimate_projection_cost",
+    "format_projection_cost",
     "kronecker_shares",
 ]
 
@@ -49,6 +60,82 @@ def _rademacher(rows: int, cols: int, seed: int) -> Tensor:
     gen = torch.Generator(device="cpu").manual_seed(seed)
     # randint on the CPU is a serial stream, so the draw does not depend on the thread count.
     return torch.randint(0, 2, (rows, cols), generator=gen, dtype=torch.float32).mul_(2).sub_(1)
+
+
+#: Name and version of the counter-based ±1 generator of :class:`RademacherProjector` (in ``describe()``).
+RADEMACHER_GENERATOR = "ctr32-lowbias32"
+RADEMACHER_GENERATOR_VERSION = 1
+#: Default size of one drawn float32 block of ``R`` (block_size = this / (4 * proj_dim rounded up to 32)).
+DEFAULT_BLOCK_BYTES = 256 * 2**20
+_MASK32 = 0xFFFFFFFF
+_MIX_MUL1 = 0x7FEB352D
+_MIX_MUL2 = 0x846CA68B
+# Signs generated per row chunk of a block: bounds the integer temporaries (~2.5 bytes a sign) while
+# keeping each kernel large (a default block at proj_dim 8192 is one chunk).
+_CHUNK_ENTRIES = 2**26
+
+
+def _padded_width(proj_dim: int) -> int:
+    return 32 * -(-proj_dim // 32)
+
+
+def _layer_keys(seed: int, layer: int) -> tuple[int, int]:
+    """Return the two 32-bit keys of ``layer``'s ±1 matrix: the low and high halves of a derived seed."""
+    key = derive_seed(seed, "rademacher", RADEMACHER_GENERATOR, RADEMACHER_GENERATOR_VERSION, layer)
+    return key & _MASK32, (key >> 32) & _MASK32
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """Return the lowbias32 finaliser of int64 ``x`` in [0, 2**32) (a bijection of 32-bit integers)."""
+    # Values stay in [0, 2**32), so >> is a logical shift. A product x * m with m < 2**31 stays below 2**63,
+    # so no backend ever sees a signed overflow; the multiplier 0x846ca68b >= 2**31 is applied as
+    # x * (m - 2**31) + ((x & 1) << 31), which is the same modulo 2**32.
+    x = x ^ (x >> 16)
+    x.mul_(_MIX_MUL1).bitwise_and_(_MASK32)
+    x.bitwise_xor_(x >> 15)
+    low = (x & 1).bitwise_left_shift_(31)
+    x.mul_(_MIX_MUL2 - 2**31).add_(low).bitwise_and_(_MASK32)
+    return x.bitwise_xor_(x >> 16)
+
+
+def _rademacher_words(
+    keys: tuple[int, int], start: int, stop: int, words: int, device: torch.device
+) -> Tensor:
+    """Return the int64 [stop-start, words] hash words ``h(c, w)`` of coordinates ``start:stop``."""
+    k1, k2 = keys
+    a = _mix32(torch.arange(start, stop, device=device, dtype=torch.int64) ^ k1)[:, None]
+    b = _mix32(torch.arange(words, device=device, dtype=torch.int64) ^ k2)[None, :]
+    # A second round keyed by a_c breaks the pairing a lone mix(a ^ b) has (a ^ a' = b ^ b' makes two rows
+    # share two words); a single mix((a ^ b) + a) is not enough (a' = a ^ 2**31 gives identical rows).
+    return _mix32(_mix32(a ^ b).add_(a).bitwise_and_(_MASK32))
+
+
+def _sign_table(device: torch.device) -> Tensor:
+    """Return the float32 [256, 8] table whose row v holds +1 where bit i of v is set, else -1."""
+    v = torch.arange(256, device=device, dtype=torch.int64)[:, None]
+    bits = (v >> torch.arange(8, device=device, dtype=torch.int64)) & 1
+    return bits.to(torch.float32).mul_(2).sub_(1)
+
+
+def _rademacher_block(
+    keys: tuple[int, int], start: int, stop: int, proj_dim: int, device: torch.device
+) -> Tensor:
+    """Return rows ``start:stop`` of one layer's ``R`` as float32 ±1 [stop-start, proj_dim], built on ``device``."""
+    width = _padded_width(proj_dim)
+    words = width // 32
+    rows = stop - start
+    buf = torch.empty(rows, width, dtype=torch.float32, device=device)
+    table = _sign_table(device)
+    shifts = torch.arange(0, 32, 8, device=device, dtype=torch.int64)
+    step = max(1, _CHUNK_ENTRIES // width)
+    for r0 in range(0, rows, step):
+        r1 = min(r0 + step, rows)
+        h = _rademacher_words(keys, start + r0, start + r1, words, device)
+        # Byte k of word w holds output dims 32w + 8k .. 32w + 8k + 7 (bit i -> dim 32w + 8k + i); a lookup
+        # writes 8 signs per index, far cheaper than one elementwise op per sign.
+        index = ((h[:, :, None] >> shifts) & 255).view(-1)
+        torch.index_select(table, 0, index, out=buf[r0:r1].view(-1, 8))
+    return buf[:, :proj_dim]
 
 
 def _check_shapes(layer_shapes: Sequence[Sequence[int]]) -> tuple[LayerShape, ...]:
@@ -137,10 +224,25 @@ class IdentityProjector(Projector):
 class RademacherProjector(Projector):
     """Dense JL projection ``f = R g / sqrt(proj_dim)`` with ``R`` of ±1 (the TRAK/LESS projector).
 
-    ``R`` has one column per gradient coordinate. Its columns are drawn in blocks of ``block_size``
-    consecutive coordinates of one layer, block ``b`` of layer ``l`` from seed
-    ``derive_seed(seed, "rademacher", l, b)``; so ``R`` is defined without ever being stored whole.
-    Blocks are kept in memory up to ``cache_bytes`` and redrawn on every call beyond that.
+    ``R`` has one row per gradient coordinate and one column per output dim. Every entry is a pure
+    function of ``(seed, layer, coordinate c, output dim j)``, computed with exact integer arithmetic
+    on the device of the gradient, so ``R`` is the same on every device, in every process and for
+    every block size and thread count::
+
+        K = derive_seed(seed, "rademacher", "ctr32-lowbias32", 1, layer); k1 = K mod 2**32; k2 = K >> 32
+        mix(x): x ^= x >> 16; x = x * 0x7feb352d mod 2**32;
+                x ^= x >> 15; x = x * 0x846ca68b mod 2**32; x ^= x >> 16
+        a = mix(c ^ k1); b = mix((j // 32) ^ k2); h = mix((mix(a ^ b) + a) mod 2**32)
+        R[c, j] = +1 if bit (j % 32) of h is set, else -1
+
+    ``c`` is the coordinate's row-major index in the layer's weight (``weight.flatten()``), ``c < 2**32``.
+    One 32-bit hash gives 32 output dims, which is what makes drawing ``R`` cheap.
+
+    A batch is projected block by block: ``block_size`` consecutive coordinates of one layer are
+    drawn once per :meth:`project_layer` call and used for the whole batch in one matmul (default:
+    as many coordinates as make a 256 MiB float32 block, 8192 at ``proj_dim`` 8192). ``R`` is kept
+    in memory only when all of it fits in ``cache_bytes`` (small adapters); otherwise every block is
+    redrawn on every call.
     """
 
     kind = "rademacher"
@@ -150,42 +252,62 @@ class RademacherProjector(Projector):
         proj_dim: int,
         seed: int,
         layer_shapes: Sequence[Sequence[int]],
-        block_size: int = 1024,
+        block_size: int | None = None,
         cache_bytes: int = 256 * 2**20,
     ) -> None:
         super().__init__(proj_dim, seed, layer_shapes)
-        if block_size <= 0:
-            raise ValueError(f"block_size must be positive, got {block_size}")
+        width = _padded_width(self.proj_dim)
+        if block_size is None:
+            block_size = max(1, DEFAULT_BLOCK_BYTES // (4 * width))
+        if isinstance(block_size, bool) or int(block_size) != block_size or block_size <= 0:
+            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        for layer, (d_out, d_in) in enumerate(self.layer_shapes):
+            if d_out * d_in > 2**32:
+                raise ValueError(
+                    f"layer {layer} has {d_out * d_in} coordinates; the rademacher generator indexes "
+                    "at most 2**32"
+                )
         self.block_size = int(block_size)
         self.cache_bytes = int(cache_bytes)
-        self._cache: dict[tuple[int, int, torch.device], Tensor] = {}
-        self._cached_bytes = 0
+        # All or nothing: a partial cache would hold memory for a negligible share of a large R.
+        self.caches_all = self.full_dim * width * 4 <= self.cache_bytes
+        self._cache: dict[tuple[int, int, int, torch.device], Tensor] = {}
+        self._keys = [_layer_keys(self.seed, layer) for layer in range(len(self.layer_shapes))]
 
-    def _block(self, layer: int, block: int, rows: int, device: torch.device) -> Tensor:
-        key = (layer, block, device)
+    def block(self, layer: int, start: int, stop: int, device: torch.device | str = "cpu") -> Tensor:
+        """Return rows ``start:stop`` of layer ``layer``'s ``R`` as a float32 ±1 [stop-start, proj_dim] matrix."""
+        n = self.layer_shapes[layer][0] * self.layer_shapes[layer][1]
+        if not 0 <= start <= stop <= n:
+            raise ValueError(f"rows {start}:{stop} are outside layer {layer}'s {n} coordinates")
+        device = torch.device(device)
+        key = (layer, start, stop, device)
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        mat = _rademacher(rows, self.proj_dim, derive_seed(self.seed, self.kind, layer, block)).to(device)
-        size = mat.numel() * mat.element_size()
-        if self._cached_bytes + size <= self.cache_bytes:
+        mat = _rademacher_block(self._keys[layer], start, stop, self.proj_dim, device)
+        # Only the projector's own partition is cached, so other requested ranges cannot grow the cache.
+        if self.caches_all and start % self.block_size == 0 and stop == min(start + self.block_size, n):
             self._cache[key] = mat
-            self._cached_bytes += size
         return mat
 
     def project_layer(self, out, layer, *, grad=None, inputs=None, grad_outputs=None) -> None:
-        """Add ``R_l g_l / sqrt(proj_dim)`` for layer ``layer`` to ``out``."""
+        """Add ``R_l g_l / sqrt(proj_dim)`` for layer ``layer`` to ``out``, one drawn block at a time."""
         if grad is None:
             raise ValueError("rademacher projector needs the full per-example gradient")
         flat = grad.reshape(grad.shape[0], -1).float()
         scale = 1.0 / math.sqrt(self.proj_dim)
-        for block, start in enumerate(range(0, flat.shape[1], self.block_size)):
+        for start in range(0, flat.shape[1], self.block_size):
             stop = min(start + self.block_size, flat.shape[1])
-            out.add_(flat[:, start:stop] @ self._block(layer, block, stop - start, flat.device), alpha=scale)
+            out.add_(flat[:, start:stop] @ self.block(layer, start, stop, flat.device), alpha=scale)
 
     def describe(self) -> dict:
-        """Return a JSON-able description including the block size."""
-        return {**super().describe(), "block_size": self.block_size}
+        """Return a JSON-able description including the block size and the generator's name and version."""
+        return {
+            **super().describe(),
+            "block_size": self.block_size,
+            "generator": RADEMACHER_GENERATOR,
+            "generator_version": RADEMACHER_GENERATOR_VERSION,
+        }
 
 
 def _side_cost(k: int, d: int, used: float) -> float:
@@ -362,6 +484,181 @@ class KroneckerProjector(Projector):
     def describe(self) -> dict:
         """Return a JSON-able description including every layer's share and factor sizes."""
         return {**super().describe(), "layers": [dict(r) for r in self.shares]}
+
+
+#: The callback setting that bounds :func:`estimate_projection_cost`'s seconds per example.
+MAX_COST_SETTING = "tive.max_projection_s_per_example"
+
+
+class ProjectionTooSlow(ValueError):
+    """The estimated projection time per example exceeds the configured limit."""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best_time(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Return the fastest of ``repeats`` timed calls of ``fn`` (after its caller's warm-up)."""
+    best = math.inf
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _estimate_rademacher(proj: RademacherProjector, device: torch.device, batch: int, repeats: int) -> dict:
+    rows = min(proj.block_size, max(o * i for o, i in proj.layer_shapes))
+    keys = proj._keys[0]
+    scale = 1.0 / math.sqrt(proj.proj_dim)
+    # Warm-up on a tiny block: kernel loading and allocator start-up are not part of the steady state.
+    _rademacher_block(keys, 0, min(rows, 32), proj.proj_dim, device)
+    grads = torch.full((batch, rows), 0.01, device=device)
+    out = torch.zeros(batch, proj.proj_dim, device=device)
+    held: list[Tensor] = []
+
+    def draw() -> None:
+        held.clear()  # free the previous block first: two would double the peak memory
+        held.append(_rademacher_block(keys, 0, rows, proj.proj_dim, device))
+
+    draw_s = _best_time(draw, device, repeats)
+    matmul_s = _best_time(lambda: out.add_(grads @ held[0], alpha=scale), device, repeats)
+    factor = proj.full_dim / rows
+    entries = proj.full_dim * proj.proj_dim
+    draw_batch = 0.0 if proj.caches_all else draw_s * factor
+    return {
+        "seconds_per_batch": draw_batch + matmul_s * factor,
+        "draw_s_per_batch": draw_batch,
+        "matmul_s_per_batch": matmul_s * factor,
+        "first_batch_s": (draw_s + matmul_s) * factor,
+        "random_entries": entries,
+        "random_entries_per_batch": 0 if proj.caches_all else entries,
+        "block_size": proj.block_size,
+        "cached": proj.caches_all,
+        "scale": factor,
+        "timed": (
+            f"one block of {rows} coordinates x {proj.proj_dim} dims "
+            f"(draw {draw_s:.3g} s, matmul {matmul_s:.3g} s)"
+        ),
+    }
+
+
+def _estimate_by_layer(proj: Projector, device: torch.device, batch: int, tokens: int, repeats: int) -> dict:
+    """Time one ``project_layer`` call per distinct layer shape and multiply by how many layers share it."""
+    groups: dict[LayerShape, list[int]] = {}
+    for layer, shape in enumerate(proj.layer_shapes):
+        groups.setdefault(shape, []).append(layer)
+    total, parts = 0.0, []
+    for (d_out, d_in), layers in groups.items():
+        layer = layers[0]
+        if isinstance(proj, IdentityProjector):
+            # A one-layer identity of this shape: the full [B, full_dim] output would not fit at 7B.
+            target, layer = IdentityProjector(None, proj.seed, [(d_out, d_in)]), 0
+        else:
+            target = proj
+        out = torch.zeros(batch, target.proj_dim, device=device)
+        if target.needs_full_grad:
+            kwargs = {"grad": torch.full((batch, d_out, d_in), 0.01, device=device)}
+        else:
+            kwargs = {
+                "inputs": torch.full((batch, tokens, d_in), 0.01, device=device),
+                "grad_outputs": torch.full((batch, tokens, d_out), 0.01, device=device),
+            }
+        target.project_layer(out, layer, **kwargs)  # warm-up: draws and caches kronecker factors
+        seconds = _best_time(functools.partial(target.project_layer, out, layer, **kwargs), device, repeats)
+        total += seconds * len(layers)
+        parts.append(f"{(d_out, d_in)} x{len(layers)}: {seconds:.3g} s")
+    entries = 0
+    if isinstance(proj, KroneckerProjector):
+        for row in proj.shares:
+            if row["mode"] == "projected":
+                for k, d, side in (
+                    (row["k_out"], row["d_out"], row["out_side"]),
+                    (row["k_in"], row["d_in"], row["in_side"]),
+                ):
+                    entries += k * d if side == "rademacher" else 2 * d
+    return {
+        "seconds_per_batch": total,
+        "random_entries": entries,
+        # Kronecker's factors are drawn once and cached; identity draws nothing.
+        "random_entries_per_batch": 0,
+        "scale": len(proj.layer_shapes) / len(groups),
+        "timed": "one project_layer call per layer shape (" + "; ".join(parts) + ")",
+    }
+
+
+def estimate_projection_cost(
+    projector: Projector,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    tokens: int = 1024,
+    repeats: int = 1,
+) -> dict:
+    """Time a representative piece of ``projector`` on ``device`` and extrapolate to one batch of the adapter.
+
+    ``rademacher`` times one block (draw + matmul) and scales by ``full_dim / block rows``;
+    ``kronecker`` times one call per distinct layer shape on ``tokens``-token factors (``tokens`` is
+    used by kronecker only); ``identity`` one copy per shape. Covers the projection only
+    (``project_layer``), not the forward/backward or materialising per-example gradients.
+    Returns ``seconds_per_batch``, ``seconds_per_example``, ``random_entries_per_batch`` (±1 entries
+    generated per batch in steady state), ``random_entries`` (all entries defining the projection),
+    ``timed`` (what was measured), ``scale`` and ``estimate_wall_s``, plus the settings.
+    """
+    device = torch.device(device)
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(tokens, bool) or int(tokens) != tokens or tokens <= 0:
+        raise ValueError(f"tokens must be a positive integer, got {tokens!r}")
+    clock = time.perf_counter()
+    with torch.no_grad():
+        if isinstance(projector, RademacherProjector):
+            est = _estimate_rademacher(projector, device, int(batch_size), max(1, repeats))
+        else:
+            est = _estimate_by_layer(projector, device, int(batch_size), int(tokens), max(1, repeats))
+    return {
+        "kind": projector.kind,
+        "device": str(device),
+        "batch_size": int(batch_size),
+        "tokens": int(tokens),
+        "proj_dim": projector.proj_dim,
+        "full_dim": projector.full_dim,
+        **est,
+        "seconds_per_example": est["seconds_per_batch"] / batch_size,
+        "estimate_wall_s": time.perf_counter() - clock,
+    }
+
+
+def format_projection_cost(estimate: dict) -> str:
+    """Return a one-line, human-readable summary of an :func:`estimate_projection_cost` result."""
+    return (
+        f"projector={estimate['kind']} on {estimate['device']}: "
+        f"~{estimate['seconds_per_example']:.3g} s per example "
+        f"({estimate['seconds_per_batch']:.3g} s per batch of {estimate['batch_size']}, "
+        f"{estimate['random_entries_per_batch']:.3g} random entries per batch; "
+        f"estimated from {estimate['timed']})"
+    )
+
+
+def check_projection_cost(estimate: dict, limit_s_per_example: float | None) -> None:
+    """Raise :class:`ProjectionTooSlow` when ``estimate`` exceeds ``limit_s_per_example`` (None: no limit)."""
+    if limit_s_per_example is None:
+        return
+    seconds = estimate["seconds_per_example"]
+    if not seconds <= limit_s_per_example:
+        hint = (
+            "use `projector: kronecker` (structured, never forms the full gradient)"
+            if estimate["kind"] != "kronecker"
+            else "lower proj_dim"
+        )
+        raise ProjectionTooSlow(
+            f"the projection is estimated at {seconds:.3g} s per example, above the limit "
+            f"{MAX_COST_SETTING}={limit_s_per_example:g} ({format_projection_cost(estimate)}); "
+            f"{hint}, or raise {MAX_COST_SETTING}"
+        )
 
 
 def build_projector(

@@ -1,10 +1,12 @@
-"""scripts/bench_selection.py runs end to end on a small pool and cleans up after itself."""
+"""The benchmark scripts run end to end on small settings (bench_selection also cleans up after itself)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 from pathlib import Path
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_selection.py"
 
@@ -33,3 +35,20 @@ def test_bench_prints_json_last_and_removes_its_files(tmp_path, capsys):
     assert (summary["n"], summary["dim"], summary["budget"], summary["selected"]) == (3000, 32, 450, 450)
     assert summary["max_abs_diff"] < 1e-5  # streamed and N x N values agree
     assert list(tmp_path.iterdir()) == []
+
+
+def test_projection_bench_prints_json_last_with_both_projectors(capsys):
+    path = SCRIPT.parent / "bench_projection.py"
+    spec = importlib.util.spec_from_file_location("bench_projection", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--quick", "--proj-dim", "512", "--tokens", "8", "--batch-sizes", "2", "--threads", "1"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["full_dim_32_layers"] == 134_217_728 and summary["full_dim_measured"] == 8_388_608
+    assert summary["rademacher_random_entries_per_batch_32_layers"] == 134_217_728 * 512
+    figures = summary["batch"]["2"]
+    for kind in ("kronecker", "rademacher"):
+        per_example = figures[f"{kind}_s_per_example"]
+        assert per_example["32_layers"] == pytest.approx(16 * per_example["2_layers"])
+        assert per_example["2_layers"] > 0
+    assert figures["ratio_rademacher_over_kronecker"] > 0
