@@ -26,7 +26,13 @@ from lightning_tive.distributed import Collectives
 from lightning_tive.feature_folder import open_process_store, pool_fingerprint
 from lightning_tive.files import atomic_torch_save
 from lightning_tive.tive.grads import layer_shapes, per_example_grads
-from lightning_tive.tive.projection import Projector, build_projector
+from lightning_tive.tive.projection import (
+    Projector,
+    build_projector,
+    check_projection_cost,
+    estimate_projection_cost,
+    format_projection_cost,
+)
 from lightning_tive.tive.store import FeatureStore
 from lightning_tive.tive.warmup import balanced_warmup_indices
 from lightning_tive.tive_config import TIVEConfig
@@ -67,6 +73,8 @@ class ReferencePhases:
             )
             adapter_file = out / ADAPTER_FILE
             needs_valuation = self.comm.any(bool(store.missing_chunks()))
+            if needs_valuation:
+                self.check_cost(projector)
             resume = needs_valuation and self.comm.any(trainer.is_global_zero and adapter_file.exists())
             clock = time.perf_counter()
             if resume:
@@ -91,6 +99,20 @@ class ReferencePhases:
         """The configured projector for the feature layers (`identity` keeps the adapter's full size)."""
         dim = None if self.config.projector == "identity" else self.config.proj_dim
         return build_projector(self.config.projector, dim, self.config.seed, layer_shapes(layers))
+
+    def check_cost(self, projector: Projector) -> dict:
+        """Estimate the projection's cost on this run's device, print it, and refuse it above the limit."""
+        estimate = estimate_projection_cost(
+            projector, self.trainer.strategy.root_device, self.valuation_batch_size(),
+            tokens=int(getattr(self.datamodule, "max_length", 1024)),
+        )
+        rank_zero_info(f"[tive] valuation: {format_projection_cost(estimate)}")
+        check_projection_cost(estimate, self.config.max_projection_s_per_example)
+        return estimate
+
+    def valuation_batch_size(self) -> int:
+        """Examples per per-example-gradient batch."""
+        return self.config.valuation_batch_size or getattr(self.datamodule, "batch_size", 8)
 
     def warmup_batch_size(self) -> int:
         """The global warm-up batch size (split over processes)."""
@@ -182,7 +204,7 @@ class ReferencePhases:
         """Features of this process's rows, chunk by chunk into its store; returns how many were valued."""
         trainer, module = self.trainer, self.module
         missing = store.missing_chunks()
-        batch_size = self.config.valuation_batch_size or getattr(self.datamodule, "batch_size", 8)
+        batch_size = self.valuation_batch_size()
         bar = progress(trainer, sum(np.diff(store.chunk_range(c))[0] for c in missing), "TIVE valuation")
         valued = 0
         module.eval()  # dropout off: features are deterministic

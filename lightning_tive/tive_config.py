@@ -74,6 +74,8 @@ class TIVEConfig:
         projector: `kronecker` (structured, never forms the full gradient), `rademacher` (dense ±1,
             as the authors) or `identity`.
         proj_dim: feature dimension (8192 in the paper); ignored by `identity` (the adapter's size).
+        max_projection_s_per_example: refuse to start a valuation whose projection alone is estimated
+            (by timing a piece of it on the run's device) above this many seconds per example; null: no limit.
         sampling: `softmax` (∝ exp(u/temperature)), `topk` or `uniform` inside each task.
         temperature: softmax temperature; → 0 is top-k, large is uniform (authors' code: 1000).
         exclude_tasks: tasks that get no budget (authors' code: TextCaps).
@@ -101,6 +103,7 @@ class TIVEConfig:
     gradient_modules: list[str] = field(default_factory=lambda: list(ATTENTION_MODULES))
     projector: Literal["kronecker", "rademacher", "identity"] = "kronecker"
     proj_dim: PositiveInt = 8192
+    max_projection_s_per_example: PositiveFloat | None = 10.0
     sampling: Literal["softmax", "topk", "uniform"] = "softmax"
     temperature: PositiveFloat = 1.0
     exclude_tasks: list[str] = field(default_factory=list)

@@ -317,3 +317,11 @@ def test_cli_typed_settings_become_plain_numbers():
     config = tive.config
     assert type(config.ratio) is float and type(config.proj_dim) is int and type(config.temperature) is float
     assert all(type(v) in (bool, int, float, str, list, dict, type(None)) for v in config.as_dict().values())
+
+
+def test_too_slow_a_projection_is_refused_before_the_warm_up(tmp_path, monkeypatch):
+    from lightning_tive.tive.projection import ProjectionTooSlow
+
+    monkeypatch.setattr(ReferencePhases, "warm_up", lambda *a, **k: pytest.fail("warm-up ran"))
+    with pytest.raises(ProjectionTooSlow, match=r"s per example, above the limit tive\.max_projection_s_per_example=1e-09"):
+        run_fit(tmp_path, projector="rademacher", max_projection_s_per_example=1e-9)
