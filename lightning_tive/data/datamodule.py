@@ -167,7 +167,7 @@ class LlavaDataModule(L.LightningDataModule):
         skipped_path = out / "skipped.jsonl" if out is not None else None
         if self._is_global_zero() and skipped_path is not None and skipped_path.exists():
             skipped_path.unlink()  # a fresh run re-checks everything and rewrites the list
-        self.skip_log = SkipLog(skipped_path if self._is_global_zero() else None)
+        self.skip_log = SkipLog(skipped_path, write_setup=self._is_global_zero())
 
         pool = self._build_pool(self.train_path, stage="train")
         if self.val_path is not None:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+try:
+    import fcntl
+except ImportError:  # Windows: appends are not locked there
+    fcntl = None
 
 IMAGE_MARK = "<image>"
 BadRecordPolicy = Literal["raise", "skip"]
@@ -102,22 +106,31 @@ def structure_problem(record: Any) -> str | None:
 
 
 class SkipLog:
-    """Appends skipped records with their reasons to `skipped.jsonl`; safe from loader workers."""
+    """Appends skipped records with their reasons to `skipped.jsonl`, from any process.
 
-    def __init__(self, path: str | os.PathLike | None):
+    Every line is one locked append, so loader workers and the processes of a multi-GPU run can
+    share the file. Set-up skips are the same on every process, so only one (`write_setup`) lists
+    them; records skipped while loading are listed by whichever process met them.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, write_setup: bool = True):
         self.path = Path(path) if path is not None else None
-        self.count = 0
-        self._lock = threading.Lock()
+        self.write_setup = write_setup
+        self.count = 0  # this process's count (a loader worker's own skips are in the file, not here)
 
     def write(self, record_id: Any, position: int, reason: str, stage: str) -> None:
-        """Record one skipped record; every write is a single appended line."""
+        """Record one skipped record as one appended line."""
         self.count += 1
+        if stage != "load" and not self.write_setup:
+            return
         line = json.dumps({"id": record_id, "position": position, "reason": reason, "stage": stage})
         if self.path is None:
             warnings.warn(f"skipped record id={record_id!r} at position {position}: {reason}", stacklevel=2)
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._lock, open(self.path, "a", encoding="utf-8") as f:
+        with open(self.path, "a", encoding="utf-8") as f:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
             f.write(line + "\n")
 
 

@@ -244,3 +244,49 @@ def test_set_up_outside_a_run_never_touches_the_working_directory(tmp_path, proc
         dm.setup("fit")
     assert (tmp_path / "skipped.jsonl").read_text() == "a user's own file\n"
     assert dm.pool.ids == ["good-0"]
+
+
+def _append_lines(path, start, count):
+    from lightning_tive.data.records import SkipLog
+
+    log = SkipLog(path)
+    for k in range(start, start + count):
+        log.write(f"r{k}", k, "x" * 300, stage="load")
+
+
+def test_skip_log_lines_from_many_processes_are_whole_and_none_is_lost(tmp_path):
+    import multiprocessing
+
+    path = tmp_path / "skipped.jsonl"
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_append_lines, args=(path, 1000 * w, 200)) for w in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert sorted(line["position"] for line in lines) == sorted(1000 * w + k for w in range(4) for k in range(200))
+
+
+def test_images_broken_at_load_time_are_listed_from_loader_workers_and_other_ranks(tmp_path, processor):
+    from lightning_tive.data.records import SkipLog
+
+    records = [good(i, image=f"img/{i}.png") for i in range(8)]
+    path = write_pool(tmp_path, records)
+    for i in range(8):
+        Image.new("RGB", (20, 20), (0, 0, 200)).save(tmp_path / "img" / f"{i}.png")
+    for i in (2, 5):
+        (tmp_path / "img" / f"{i}.png").write_bytes(b"not a png")  # exists, so set-up keeps it
+    dm = make_dm(tmp_path, path, processor, on_bad_record="skip", num_workers=2)
+    dm.setup("fit")
+    assert dm.pool_size == 8
+    seen = [i for batch in dm.pool_dataloader(batch_size=4) for i in batch["pool_index"].tolist()]
+    assert sorted(seen) == [0, 1, 3, 4, 6, 7]
+    listed = [json.loads(line) for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
+    assert sorted((r["id"], r["stage"]) for r in listed) == [("good-2", "load"), ("good-5", "load")]
+    # a process other than the first lists what it met while loading, not the shared set-up skips
+    other = SkipLog(tmp_path / "rank1.jsonl", write_setup=False)
+    other.write("a", 0, "bad json", stage="train")
+    other.write("b", 1, "broken image", stage="load")
+    assert [json.loads(line)["id"] for line in (tmp_path / "rank1.jsonl").read_text().splitlines()] == ["b"]
+    assert other.count == 2
