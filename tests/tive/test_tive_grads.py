@@ -228,3 +228,72 @@ def test_inputs_modified_in_place_after_forward_are_detected():
 
     with pytest.raises(RuntimeError, match="modified in place"):
         per_example_grads([lin], proj, loss_fn, torch.randn(2, 4))
+
+
+def _input_storages(model, layers):
+    """Forward hooks keeping weak references to every target layer input's storage (recomputations excluded)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    refs: list = []
+    seen: set = set()
+
+    def hook(module, args, output):
+        if id(module) not in seen:  # a checkpoint recomputation runs the layer again: keep the first
+            seen.add(id(module))
+            refs.append(StorageWeakRef(args[0].untyped_storage()))
+
+    return refs, [m.register_forward_hook(hook) for _, m in layers]
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_layer_inputs_live_no_longer_than_autograd_keeps_them(checkpointing):
+    import gc
+
+    model = add_lora(tiny_llama())
+    if checkpointing:
+        model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+    layers = find_lora_layers(model)
+    proj = build_projector("kronecker", 96, 0, layer_shapes(layers))
+    refs, handles = _input_storages(model, layers)
+    alive_after_forward = []
+
+    def loss_fn(b):
+        losses = per_example_loss(model, b)
+        gc.collect()
+        alive_after_forward.append(sum(not r.expired() for r in refs))
+        return losses
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            per_example_grads(layers, proj, loss_fn, make_batch(LENGTHS, PROMPTS))
+    finally:
+        for handle in handles:
+            handle.remove()
+    gc.collect()
+    assert len(refs) == len(layers)
+    if checkpointing:
+        # Inputs made inside a checkpointed decoder layer are dropped with its other activations.
+        assert alive_after_forward == [0]
+    else:
+        assert alive_after_forward == [len(layers)]
+    assert all(r.expired() for r in refs)  # nothing outlives the backward
+
+
+def test_target_layer_outputs_may_be_modified_in_place():
+    torch.manual_seed(0)
+    net = torch.nn.ModuleList([torch.nn.Linear(6, 5, bias=False), torch.nn.Linear(5, 3, bias=False)])
+    x = torch.randn(4, 6)
+    layers = list(net)
+    proj = build_projector("identity", None, 0, layer_shapes(layers))
+
+    def loss_fn(idx):
+        hidden = net[0](x[idx])
+        hidden.mul_(2).tanh_()  # legal on a plain layer output, so it must stay legal with the engine
+        return net[1](hidden).pow(2).sum(-1)
+
+    result = per_example_grads(layers, proj, loss_fn, torch.arange(4))
+    for i in range(4):
+        grads = torch.autograd.grad(loss_fn(torch.tensor([i]))[0], [m.weight for m in layers])
+        torch.testing.assert_close(result.features[i], torch.cat([g.flatten() for g in grads]))
