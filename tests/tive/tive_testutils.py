@@ -27,8 +27,8 @@ def tiny_llama(seed: int = 0, hidden: int = 64, attention_dropout: float = 0.0):
     return LlamaForCausalLM(cfg)
 
 
-def add_lora(model, seed: int = 0, r: int = 4, dropout: float = 0.0):
-    """Wrap ``model`` with a LoRA adapter on q,k,v,o whose A and B are both random (B=0 gives zero A-grads)."""
+def add_lora(model, seed: int = 0, r: int = 4, dropout: float = 0.0, targets: list[str] | None = None):
+    """Wrap ``model`` with a LoRA adapter (default on q,k,v,o) whose A and B are both random (B=0 gives zero A-grads)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
@@ -36,7 +36,7 @@ def add_lora(model, seed: int = 0, r: int = 4, dropout: float = 0.0):
         r=r,
         lora_alpha=2 * r,
         lora_dropout=dropout,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        target_modules=targets or ["q_proj", "k_proj", "v_proj", "o_proj"],
         init_lora_weights=False,
     )
     peft_model = get_peft_model(model, cfg)
