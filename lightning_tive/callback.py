@@ -441,7 +441,7 @@ class TIVESelectionCallback(Callback):
                 if "input_ids" in batch:
                     rows = [position[int(p)] for p in batch["pool_index"]]
                     batch = trainer.strategy.batch_to_device(batch)
-                    with trainer.precision_plugin.forward_context():
+                    with trainer.precision_plugin.forward_context(), module.valuation_mode():
                         grads = per_example_grads(layers, projector, module.per_example_loss, batch)
                     features[rows] = grads.features.float().cpu().numpy()
                     norms[rows] = grads.norms.float().cpu().numpy()
