@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_tive import report
 from lightning_tive.tive.grads import layer_shapes, per_example_grads
+from lightning_tive.tive.modes import deterministic_train_mode
 from lightning_tive.tive.projection import PROJECTOR_KINDS, build_projector
 from lightning_tive.tive.selection import SAMPLING_MODES, select_from_values, select_top_scores
 from lightning_tive.tive.store import (
@@ -441,7 +442,7 @@ class TIVESelectionCallback(Callback):
                 if "input_ids" in batch:
                     rows = [position[int(p)] for p in batch["pool_index"]]
                     batch = trainer.strategy.batch_to_device(batch)
-                    with trainer.precision_plugin.forward_context(), module.valuation_mode():
+                    with trainer.precision_plugin.forward_context(), deterministic_train_mode(module):
                         grads = per_example_grads(layers, projector, module.per_example_loss, batch)
                     features[rows] = grads.features.float().cpu().numpy()
                     norms[rows] = grads.norms.float().cpu().numpy()

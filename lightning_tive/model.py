@@ -7,7 +7,6 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +42,8 @@ class TinyLlavaConfig:
     image_size: int = 64
     patch_size: int = 16
     max_position_embeddings: int = 1024
+    #: LM vocabulary size; None takes the tokenizer's length (a larger one adds untrained rows).
+    vocab_size: int | None = None
 
 
 @dataclass
@@ -327,6 +328,8 @@ class LlavaModule(L.LightningModule):
 
         t: TinyLlavaConfig = self.tiny
         tokenizer = self.processor.tokenizer
+        if t.vocab_size is not None and t.vocab_size < len(tokenizer):
+            raise ValueError(f"tiny.vocab_size={t.vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
         vision = CLIPVisionConfig(
             hidden_size=t.vision_hidden_size,
             intermediate_size=t.vision_intermediate_size,
@@ -337,7 +340,7 @@ class LlavaModule(L.LightningModule):
             projection_dim=t.vision_hidden_size,
         )
         text = LlamaConfig(
-            vocab_size=len(tokenizer),
+            vocab_size=len(tokenizer) if t.vocab_size is None else t.vocab_size,
             hidden_size=t.hidden_size,
             intermediate_size=t.intermediate_size,
             num_hidden_layers=t.num_hidden_layers,
@@ -452,12 +455,6 @@ class LlavaModule(L.LightningModule):
         """Each example's mean NLL over its own supervised tokens: a vector [B]."""
         total, count = self.batch_nll(batch)
         return total / count.clamp(min=1)
-
-    def valuation_mode(self) -> AbstractContextManager:
-        """Context for TIVE valuation: training mode (gradient checkpointing applies) with every dropout at 0."""
-        from lightning_tive.tive.modes import deterministic_train_mode
-
-        return deterministic_train_mode(self)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         """LLaVA's loss: the token mean over the batch's supervised tokens."""
