@@ -14,10 +14,10 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from lightning.pytorch.cli import OptimizerCallable
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+from torch.utils.checkpoint import checkpoint
 
 from lightning_tive.metrics import MeanScore, exact_match, token_f1
 
