@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+from torch.utils.checkpoint import checkpoint
 
 from lightning_tive.metrics import exact_match, token_f1
 
@@ -41,6 +42,8 @@ class TinyLlavaConfig:
     image_size: int = 64
     patch_size: int = 16
     max_position_embeddings: int = 1024
+    #: LM vocabulary size; None takes the tokenizer's length (a larger one adds untrained rows).
+    vocab_size: int | None = None
 
 
 @dataclass
@@ -116,8 +119,16 @@ class WarmupCosineLR(LambdaLR):
 SchedulerCallable = Callable[[Optimizer, int], LRScheduler]
 
 
+#: Supervised tokens per lm_head + cross-entropy chunk of :func:`chunked_per_example_nll`.
+NLL_CHUNK_TOKENS = 1024
+
+
 def per_example_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token NLL and supervised-token count per example (labels -100 are ignored)."""
+    """Summed next-token NLL and supervised-token count per example (labels -100 are ignored).
+
+    The reference definition, from full logits; training and valuation use
+    :func:`chunked_per_example_nll`, which gives the same numbers without ``[B, T, V]`` logits.
+    """
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
     mask = shift_labels != -100
@@ -128,6 +139,40 @@ def per_example_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     ).view_as(shift_labels)
     nll = nll * mask
     return nll.sum(dim=1), mask.sum(dim=1)
+
+
+def _token_nll(states: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+    return F.cross_entropy(head(states).float(), targets, reduction="none")
+
+
+def chunked_per_example_nll(
+    hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_tokens: int = NLL_CHUNK_TOKENS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_example_nll(head(hidden), labels)` from last hidden states, never holding more than one chunk's logits.
+
+    Only supervised positions go through ``head`` (in float32 after it, as in the reference), in chunks
+    of ``chunk_tokens``, each under non-reentrant checkpointing so its logits are recomputed in
+    backward instead of kept from the forward.
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != -100
+    rows, cols = mask.nonzero(as_tuple=True)
+    states, targets = hidden[rows, cols], shift_labels[rows, cols]
+    checkpointed = torch.is_grad_enabled()
+    pieces = []
+    # At least one (maybe empty) chunk, so the result stays attached to the graph without supervision.
+    for start in range(0, max(len(targets), 1), chunk_tokens):
+        piece = (states[start : start + chunk_tokens], targets[start : start + chunk_tokens], head)
+        if checkpointed:
+            pieces.append(checkpoint(_token_nll, *piece, use_reentrant=False))
+        else:
+            pieces.append(_token_nll(*piece))
+    nll = torch.cat(pieces)
+    # Scattered back to [B, T-1] and summed along T, so the sums add up in the reference's order.
+    per_token = torch.zeros(mask.shape, dtype=nll.dtype, device=nll.device).index_put((rows, cols), nll)
+    return per_token.sum(dim=1), mask.sum(dim=1)
 
 
 class LlavaModule(L.LightningModule):
@@ -249,6 +294,7 @@ class LlavaModule(L.LightningModule):
         self.val_max_new_tokens = val_max_new_tokens
         # Frozen weights are recoverable from their source, so checkpoints keep trainable ones only.
         self.strict_loading = False
+        self.nll_chunk_tokens = NLL_CHUNK_TOKENS
 
         self.processor = self._build_processor()
         self.model = self._build_model()
@@ -376,6 +422,8 @@ class LlavaModule(L.LightningModule):
 
         t: TinyLlavaConfig = self.tiny
         tokenizer = self.processor.tokenizer
+        if t.vocab_size is not None and t.vocab_size < len(tokenizer):
+            raise ValueError(f"tiny.vocab_size={t.vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
         vision = CLIPVisionConfig(
             hidden_size=t.vision_hidden_size,
             intermediate_size=t.vision_intermediate_size,
@@ -386,7 +434,7 @@ class LlavaModule(L.LightningModule):
             projection_dim=t.vision_hidden_size,
         )
         text = LlamaConfig(
-            vocab_size=len(tokenizer),
+            vocab_size=len(tokenizer) if t.vocab_size is None else t.vocab_size,
             hidden_size=t.hidden_size,
             intermediate_size=t.intermediate_size,
             num_hidden_layers=t.num_hidden_layers,
@@ -501,9 +549,25 @@ class LlavaModule(L.LightningModule):
         tower = self.llava.model.vision_tower
         return pixels.to(next(tower.parameters()).dtype)
 
+    def batch_nll(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token NLL and supervised-token count per example, without full-vocabulary logits.
+
+        Equals `per_example_nll(self(batch).logits, labels)`: the inner LLaVA model gives the last
+        hidden states (LoRA layers are injected in place, so they apply without peft's wrapper) and
+        only supervised positions meet `lm_head`, in checkpointed chunks of `nll_chunk_tokens`.
+        """
+        llava = self.llava
+        hidden = llava.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=self._pixels(batch),
+            use_cache=False,  # eval mode would otherwise keep a KV cache of every layer
+        ).last_hidden_state
+        return chunked_per_example_nll(hidden, batch["labels"], llava.lm_head, self.nll_chunk_tokens)
+
     def per_example_loss(self, batch: dict) -> torch.Tensor:
         """Each example's mean NLL over its own supervised tokens: a vector [B]."""
-        total, count = per_example_nll(self(batch).logits, batch["labels"])
+        total, count = self.batch_nll(batch)
         return total / count.clamp(min=1)
 
     def supervised_tokens(self, batch: dict) -> torch.Tensor:
@@ -518,7 +582,7 @@ class LlavaModule(L.LightningModule):
         """LLaVA's loss: the token mean over the batch's supervised tokens."""
         if "input_ids" not in batch:  # every item of this batch was a skipped bad record
             return None
-        total, count = per_example_nll(self(batch).logits, batch["labels"])
+        total, count = self.batch_nll(batch)
         loss = total.sum() / count.sum().clamp(min=1)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(count))
         return loss

@@ -26,6 +26,7 @@ from lightning_tive.distributed import Collectives
 from lightning_tive.feature_folder import open_process_store, pool_fingerprint
 from lightning_tive.files import atomic_torch_save
 from lightning_tive.tive.grads import layer_shapes, per_example_grads
+from lightning_tive.tive.modes import deterministic_train_mode
 from lightning_tive.tive.projection import (
     Projector,
     build_projector,
@@ -207,7 +208,6 @@ class ReferencePhases:
         batch_size = self.valuation_batch_size()
         bar = progress(trainer, sum(np.diff(store.chunk_range(c))[0] for c in missing), "TIVE valuation")
         valued = 0
-        module.eval()  # dropout off: features are deterministic
         for chunk in missing:
             start, stop = store.chunk_range(chunk)
             pool_indices = indices[start:stop]
@@ -220,7 +220,9 @@ class ReferencePhases:
                 if "input_ids" in batch:
                     rows = [position[int(p)] for p in batch["pool_index"]]
                     batch = trainer.strategy.batch_to_device(batch)
-                    with trainer.precision_plugin.forward_context():
+                    # Training mode keeps gradient checkpointing on (transformers skips it in eval);
+                    # every dropout is off, so features are deterministic.
+                    with trainer.precision_plugin.forward_context(), deterministic_train_mode(module):
                         grads = per_example_grads(layers, projector, module.per_example_loss, batch)
                     features[rows] = grads.features.float().cpu().numpy()
                     norms[rows] = grads.norms.float().cpu().numpy()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import lightning as L
@@ -170,6 +171,51 @@ def test_per_example_loss_equals_batch_of_one(tiny_module, demo_dm):
     with torch.no_grad():
         total, count = per_example_nll(tiny_module(batch).logits, batch["labels"])
     torch.testing.assert_close(tiny_module.training_step(batch, 0), total.sum() / count.sum())
+
+
+@pytest.mark.parametrize("mode, chunk", [("lora", 5), ("lora", 4096), ("full", 7)])
+def test_chunked_loss_equals_the_full_logits_reference(tiny_module, demo_dm, mode, chunk):
+    module = tiny_module if mode == "lora" else LlavaModule(tiny=TinyLlavaConfig(), finetune="full")
+    demo_dm.attach_processor(module.processor)
+    module.eval()
+    indices = np.arange(demo_dm.pool_size)[1::2]
+    batch = next(iter(demo_dm.pool_dataloader(indices, batch_size=len(indices))))
+    batch["labels"][2] = -100  # an example with no supervised token
+    assert (batch["attention_mask"] == 0).any() and (batch["labels"] != -100).sum() > 3 * 5
+    params = [p for _, p in module.trainable_parameters()]
+    weights = torch.linspace(0.5, 2.0, len(indices))  # a different weight per example: per-example gradients
+
+    total, count = per_example_nll(module(batch).logits, batch["labels"])
+    want = total / count.clamp(min=1)
+    want_grads = torch.autograd.grad((weights * want).sum(), params, allow_unused=True)
+
+    vocab = module.llava.lm_head.out_features
+    saved, head_calls = [], []
+    handle = module.llava.lm_head.register_forward_pre_hook(lambda *a: head_calls.append(1))
+    before = module.nll_chunk_tokens
+    module.nll_chunk_tokens = chunk
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+            got = module.per_example_loss(batch)
+        forward_calls = len(head_calls)
+        got_grads = torch.autograd.grad((weights * got).sum(), params, allow_unused=True)
+        step_loss = module.training_step(batch, 0)
+    finally:
+        module.nll_chunk_tokens = before
+        handle.remove()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert got[2] == 0 and count[2] == 0
+    assert sum(g is not None for g in want_grads) > 0
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert (g is None) == (w is None)
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * float(w.abs().max()))
+    torch.testing.assert_close(step_loss, total.sum() / count.sum(), rtol=1e-6, atol=1e-6)
+    # The logits never outlive their chunk: nothing vocabulary-wide is saved for backward outside
+    # the checkpointed chunks, and each chunk's head runs again in backward.
+    assert not any(shape and shape[-1] == vocab for shape in saved)
+    chunks = math.ceil(int(count.sum()) / chunk)
+    assert forward_calls == chunks and len(head_calls) == 2 * chunks + chunks  # + training_step's forward
 
 
 def test_warmup_cosine_schedule_shape():

@@ -23,19 +23,30 @@ def read(tmp, name):
 
 @pytest.fixture
 def poison(monkeypatch):
-    """Make chosen pool indices' losses NaN during valuation only (the model is in eval mode there)."""
+    """Make chosen pool indices' losses NaN during valuation only."""
+    from lightning_tive.phases import ReferencePhases
+
     bad: set[int] = set()
-    original = LlavaModule.per_example_loss
+    valuing: list[bool] = []
+    original, value = LlavaModule.per_example_loss, ReferencePhases.value
+
+    def valuation(self, *args, **kwargs):
+        valuing.append(True)
+        try:
+            return value(self, *args, **kwargs)
+        finally:
+            valuing.pop()
 
     def per_example_loss(self, batch):
         loss = original(self, batch)
-        if self.training or not bad:
+        if not valuing or not bad:
             return loss
         hit = torch.tensor([int(i) in bad for i in batch["pool_index"]], device=loss.device)
         # row-local, like an overflow: NaN forward and NaN backward for the hit examples only
         return loss * torch.where(hit, torch.full_like(loss, float("nan")), torch.ones_like(loss))
 
     monkeypatch.setattr(LlavaModule, "per_example_loss", per_example_loss)
+    monkeypatch.setattr(ReferencePhases, "value", valuation)
     return bad
 
 

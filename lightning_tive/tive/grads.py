@@ -2,8 +2,10 @@
 
 For a linear layer ``y_t = W x_t`` (``t`` runs over the tokens of one example), the gradient of
 that example's loss with respect to ``W`` is ``G = sum_t go_t x_t^T``, where ``go_t`` is the
-gradient of the loss with respect to ``y_t``. One forward pass records every target layer's input
-``x``; one backward pass of ``sum_s L(s)`` delivers every layer's output-gradient ``go``. Because no
+gradient of the loss with respect to ``y_t``. In one forward pass a tiny autograd node on every
+target layer's output saves the layer's input ``x`` (as autograd's own saved tensor, so non-reentrant
+checkpointing drops and recomputes it like any other activation); one backward pass of
+``sum_s L(s)`` hands each node its layer's output-gradient ``go``. Because no
 operation in a transformer mixes examples of a batch, ``go`` of example ``s`` is exactly the
 output-gradient of ``L(s)`` alone, so the per-example gradients come out exactly as a loop over
 batches of one would give them (up to float rounding), for any padding, with activation
@@ -80,59 +82,78 @@ def layer_shapes(layers: Sequence[nn.Linear] | Sequence[tuple[str, nn.Linear]]) 
     return [(m.out_features, m.in_features) for m in _as_linears(layers)]
 
 
+class _Tap(torch.autograd.Function):
+    """Identity on a target layer's output whose backward hands (input, output-gradient) to the recorder.
+
+    The input is held by autograd as a saved tensor, not by the recorder: under non-reentrant
+    checkpointing it is dropped after the forward and recomputed for the backward, and otherwise it
+    is freed as soon as this node's backward ran. It is the very tensor the layer itself saved for
+    its weight gradient, so it costs no extra memory.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, recorder: _Recorder, index: int, x: Tensor, output: Tensor) -> Tensor:
+        ctx.recorder, ctx.index = recorder, index
+        ctx.save_for_backward(x)
+        # A fresh alias rather than the input itself: autograd would make that a view, on which later
+        # in-place operations (legal on a plain layer output) are forbidden.
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx: Any, go: Tensor) -> tuple[None, None, None, Tensor]:
+        try:
+            (x,) = ctx.saved_tensors
+        except RuntimeError as err:
+            if "inplace" not in str(err):
+                raise
+            raise RuntimeError(
+                f"the input of target layer {ctx.index} was modified in place after the forward pass"
+            ) from err
+        ctx.recorder.on_grad(ctx.index, x, go)
+        return None, None, None, go
+
+
 class _Recorder:
-    """Forward/backward hooks that turn each layer's (input, output-gradient) into norms and features."""
+    """Forward hooks that tap each target layer's output, and the accumulation of its (input, output-gradient)."""
 
     def __init__(self, layers: list[nn.Linear], projector: Projector, norm_method: str) -> None:
         self.layers = layers
         self.projector = projector
         self.norm_method = norm_method
-        self.inputs: list[Tensor | None] = [None] * len(layers)
-        self.versions = [0] * len(layers)
         self.calls = [0] * len(layers)
         self.forward_done = False
         self.sq: Tensor | None = None
         self.out: Tensor | None = None
 
     def forward_hook(self, index: int) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            # Under non-reentrant checkpointing the forward runs again inside backward; the tensors
-            # of that recomputation are not the ones whose gradients flow, so it is ignored.
-            if self.forward_done:
-                return
-            self.calls[index] += 1
-            if self.calls[index] > 1:
-                raise RuntimeError(
-                    f"target layer {index} ran twice in one forward pass; shared layers are not supported"
-                )
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+            if not self.forward_done:
+                self.calls[index] += 1
+                if self.calls[index] > 1:
+                    raise RuntimeError(
+                        f"target layer {index} ran twice in one forward pass; shared layers are not supported"
+                    )
             if not output.requires_grad:
                 raise RuntimeError(
                     f"the output of target layer {index} does not require grad: run outside no_grad, and use "
                     "non-reentrant gradient checkpointing (use_reentrant=False)"
                 )
-            self.inputs[index] = args[0].detach()
-            self.versions[index] = args[0]._version
-            output.register_hook(lambda go: self.on_grad(index, go))
+            # Also in the recomputation of non-reentrant checkpointing (after forward_done): it must save
+            # the same tensors as the original forward, whose saved input it then supplies. The nodes it
+            # builds there are never run backward, so each layer still reports once.
+            return _Tap.apply(self, index, args[0], output)
 
         return hook
 
-    def on_grad(self, index: int, go: Tensor) -> None:
-        x = self.inputs[index]
-        self.inputs[index] = None  # free the activation as soon as its layer is done
-        if x is None:
-            return
-        if x._version != self.versions[index]:
-            # The detached view bypasses autograd's own check, so an in-place change would go unnoticed.
-            raise RuntimeError(
-                f"the input of target layer {index} was modified in place after the forward pass"
-            )
+    def on_grad(self, index: int, x: Tensor, go: Tensor) -> None:
         with torch.no_grad():
             batch = x.shape[0]
-            x3 = x.reshape(batch, -1, x.shape[-1]).float()
+            x3 = x.detach().reshape(batch, -1, x.shape[-1]).float()
             g3 = go.detach().reshape(batch, -1, go.shape[-1]).float()
             if self.out is None:
-                self.out = torch.zeros(batch, self.projector.proj_dim, device=x.device)
-                self.sq = torch.zeros(batch, device=x.device)
+                # float32 whatever the default dtype (bf16 under Lightning's bf16-true precision).
+                self.out = torch.zeros(batch, self.projector.proj_dim, device=x.device, dtype=torch.float32)
+                self.sq = torch.zeros(batch, device=x.device, dtype=torch.float32)
             d_out, d_in = g3.shape[-1], x3.shape[-1]
             tokens = x3.shape[1]
             method = self.norm_method
@@ -169,8 +190,10 @@ def per_example_grads(
 
     ``loss_fn(batch)`` must run the forward pass and return the per-example loss vector [B] (each
     example's own mean token NLL). Gradients are taken with respect to the layers' weights only (not
-    biases), in one forward and one backward pass. Put the model in eval mode for dropout-free,
-    reproducible gradients. ``norm_method`` picks how the kronecker projector gets the exact norm:
+    biases), in one forward and one backward pass. Run it under :func:`.modes.deterministic_train_mode`
+    (training mode, so gradient checkpointing applies, with every dropout at 0) or in eval mode for
+    dropout-free, reproducible gradients. Features and norms are float32 whatever the default dtype.
+    ``norm_method`` picks how the kronecker projector gets the exact norm:
     ``materialise`` (per-example ``[d_out, d_in]`` gradients), ``gram`` (token Gram matrices) or
     ``auto`` (the cheaper by flop count); the other projectors always materialise.
     """
@@ -216,9 +239,9 @@ def per_example_grads(
     out = (
         recorder.out
         if recorder.out is not None
-        else torch.zeros(batch_size, projector.proj_dim, device=device)
+        else torch.zeros(batch_size, projector.proj_dim, device=device, dtype=torch.float32)
     )
-    sq = recorder.sq if recorder.sq is not None else torch.zeros(batch_size, device=device)
+    sq = recorder.sq if recorder.sq is not None else torch.zeros(batch_size, device=device, dtype=torch.float32)
     if out.shape[0] != batch_size:
         raise ValueError(
             f"loss_fn returned {batch_size} losses but the target layers saw a batch of {out.shape[0]}; "

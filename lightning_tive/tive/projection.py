@@ -401,7 +401,7 @@ class _Side:
         """Return ``P`` as a dense [k, d] matrix (for reference computations)."""
         if self.kind == "rademacher":
             return self.matrix.clone()
-        out = torch.zeros(self.d, self.d, device=self.signs.device)
+        out = torch.zeros(self.d, self.d, device=self.signs.device, dtype=torch.float32)
         out[torch.arange(self.d), self.perm] = self.signs
         return out
 

@@ -9,7 +9,7 @@ from torch import Tensor
 VOCAB = 64
 
 
-def tiny_llama(seed: int = 0, hidden: int = 64):
+def tiny_llama(seed: int = 0, hidden: int = 64, attention_dropout: float = 0.0):
     """Return a tiny random LlamaForCausalLM (hidden 64 so bitsandbytes' CPU 4-bit blocks fit)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -22,20 +22,21 @@ def tiny_llama(seed: int = 0, hidden: int = 64):
         num_key_value_heads=4,
         vocab_size=VOCAB,
         max_position_embeddings=64,
+        attention_dropout=attention_dropout,
     )
     return LlamaForCausalLM(cfg)
 
 
-def add_lora(model, seed: int = 0, r: int = 4):
-    """Wrap ``model`` with a LoRA adapter on q,k,v,o whose A and B are both random (B=0 gives zero A-grads)."""
+def add_lora(model, seed: int = 0, r: int = 4, dropout: float = 0.0, targets: list[str] | None = None):
+    """Wrap ``model`` with a LoRA adapter (default on q,k,v,o) whose A and B are both random (B=0 gives zero A-grads)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     cfg = LoraConfig(
         r=r,
         lora_alpha=2 * r,
-        lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        lora_dropout=dropout,
+        target_modules=targets or ["q_proj", "k_proj", "v_proj", "o_proj"],
         init_lora_weights=False,
     )
     peft_model = get_peft_model(model, cfg)
