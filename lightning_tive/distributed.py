@@ -32,13 +32,22 @@ class Collectives:
         """More than one process."""
         return self.world_size > 1
 
+    def _to_group(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor on the device the process group works on (itself when already there)."""
+        return tensor.to(self.device)
+
+    @staticmethod
+    def _back(moved: torch.Tensor, tensor: torch.Tensor) -> None:
+        """Write a collective's result back into the caller's tensor, on the caller's device."""
+        if moved is not tensor:
+            tensor.copy_(moved)
+
     def _reduce(self, tensor: torch.Tensor, op: Any) -> torch.Tensor:
         if not self.distributed:
             return tensor
-        moved = tensor.to(self.device)
+        moved = self._to_group(tensor)
         dist.all_reduce(moved, op=op)
-        if moved is not tensor:
-            tensor.copy_(moved)
+        self._back(moved, tensor)
         return tensor
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -61,10 +70,9 @@ class Collectives:
         """Overwrite `tensor` with process `src`'s, in place."""
         if not self.distributed:
             return tensor
-        moved = tensor.data.to(self.device)
+        moved = self._to_group(tensor.data)
         dist.broadcast(moved, src=src)
-        if moved is not tensor.data:
-            tensor.data.copy_(moved)
+        self._back(moved, tensor.data)
         return tensor
 
     def gather_objects(self, obj: Any) -> list[Any]:

@@ -578,13 +578,22 @@ class LlavaModule(L.LightningModule):
         """The multi-modal projector's parameters (TIVE's warm-up may train them, then restores them)."""
         return list(self.llava.model.multi_modal_projector.parameters())
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """LLaVA's loss: the token mean over the batch's supervised tokens."""
-        if "input_ids" not in batch:  # every item of this batch was a skipped bad record
-            return None
+        if "input_ids" not in batch:
+            # Every record of this batch was skipped as bad. A zero loss over every trainable weight
+            # keeps this process's backward (and DDP's gradient all-reduce) in step with the others.
+            return sum(p.sum() for _, p in self.trainable_parameters()) * 0.0
         total, count = self.batch_nll(batch)
         loss = total.sum() / count.sum().clamp(min=1)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(count))
+        if batch.get("pixel_values") is None:
+            # A text-only batch never reaches the vision side. Under DDP every process must produce a
+            # gradient for every trainable weight in every step, or their all-reduces fall out of step
+            # (one process moves on while the others wait): a zero term reaches the projector and tower.
+            unreached = [p for n, p in self.trainable_parameters() if "multi_modal_projector" in n or "vision_tower" in n]
+            if unreached:
+                loss = loss + 0.0 * sum(p.sum() for p in unreached)
         return loss
 
     # ---------------------------------------------------------------- evaluation

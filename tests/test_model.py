@@ -437,3 +437,31 @@ def test_qlora_eval_forward_keeps_the_4bit_layout_and_training_gradients(demo_dm
     assert torch.equal(q_proj.base_layer.weight.data, packed)
     assert not getattr(q_proj.base_layer.weight.quant_state, "packing_format_for_cpu", False)
     assert lora_grad() == pytest.approx(before, rel=1e-4)
+
+
+def test_an_all_skipped_batch_is_a_zero_loss_step_over_every_trainable_weight(tiny_module):
+    loss = tiny_module.training_step({"pool_index": torch.tensor([], dtype=torch.long)}, 0)
+    assert loss.item() == 0.0 and loss.requires_grad
+    params = [p for _, p in tiny_module.trainable_parameters()]
+    grads = torch.autograd.grad(loss, params)
+    assert len(grads) == len(params) and all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+def test_a_text_only_batch_gives_every_trainable_weight_a_gradient(demo_dm):
+    """Under DDP a process whose batch has no image must still all-reduce the projector's gradients."""
+    module = LlavaModule(tiny=TinyLlavaConfig(), finetune="lora")
+    demo_dm.attach_processor(module.processor)
+    text = demo_dm.task_names.index("text")
+    indices = [i for i in range(demo_dm.pool_size) if demo_dm.pool_task_ids[i] == text][:3]
+    batch = next(iter(demo_dm.pool_dataloader(indices, batch_size=3)))
+    assert batch["pixel_values"] is None
+    loss = module.training_step(batch, 0)
+    names = [n for n, _ in module.trainable_parameters()]
+    grads = torch.autograd.grad(loss, [p for _, p in module.trainable_parameters()], allow_unused=True)
+    missing = [n for n, g in zip(names, grads, strict=True) if g is None]
+    assert missing == []
+    projector = [g for n, g in zip(names, grads, strict=True) if "multi_modal_projector" in n]
+    assert projector and all(torch.count_nonzero(g) == 0 for g in projector)
+    # and the loss is the batch's token-mean NLL, unchanged by the zero term
+    total, count = module.batch_nll(batch)
+    torch.testing.assert_close(loss, total.sum() / count.sum())

@@ -96,7 +96,10 @@ class FeatureStore:
         dtype = np.dtype(dtype).name
         if dtype not in DTYPES:
             raise ValueError(f"feature dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        for name, value in (("pool_size", pool_size), ("proj_dim", proj_dim), ("chunk_size", chunk_size)):
+        # A store may be empty: the shard of a process that got no chunk of a small pool.
+        if int(pool_size) != pool_size or int(pool_size) < 0:
+            raise ValueError(f"pool_size must be a non-negative integer, got {pool_size!r}")
+        for name, value in (("proj_dim", proj_dim), ("chunk_size", chunk_size)):
             if int(value) != value or int(value) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.folder = Path(folder)

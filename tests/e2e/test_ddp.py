@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def overlay(tmp: Path, devices: int) -> Path:
+def overlay(tmp: Path, devices: int, chunk_size: int = 32) -> Path:
+    # validation on: every process computes every task's metric (a collective) whatever it saw
     text = f"""
 trainer:
   devices: {devices}
@@ -26,12 +27,12 @@ trainer:
   enable_checkpointing: false
   callbacks: []
   default_root_dir: {tmp}
-  limit_val_batches: 0
+  limit_val_batches: 3
 data:
   output_dir: {tmp}
 tive:
   output_dir: {tmp}/tive
-  chunk_size: 32
+  chunk_size: {chunk_size}
   warmup_batch_size: 8
   reference_lora:
     r: 8
@@ -45,13 +46,16 @@ tive:
     return path
 
 
-def run(tmp: Path, devices: int) -> subprocess.CompletedProcess:
+def run(tmp: Path, devices: int, extra: str = "", **options) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable, "-m", "lightning_tive", "fit",
         "--config", str(ROOT / "configs" / "demo.yaml"),
         "--config", str(ROOT / "configs" / "smoke.yaml"),
-        "--config", str(overlay(tmp, devices)),
+        "--config", str(overlay(tmp, devices, **options)),
     ]
+    if extra:
+        (tmp / "extra.yaml").write_text(extra)
+        cmd += ["--config", str(tmp / "extra.yaml")]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -128,3 +132,34 @@ def test_resumed_two_process_run_continues_from_its_shards(runs):
     assert sum(r["valued_this_run"] for r in ranks) == removed
     after = json.loads((two / "tive" / "summary.json").read_text())
     assert after["tasks"] == before["tasks"]
+
+
+def test_a_process_without_a_chunk_of_the_pool_takes_part_in_every_step(tmp_path):
+    """2 processes, chunks of 1,024 over the 270-example smoke pool: the second values nothing."""
+    run(tmp_path, 2, chunk_size=1024)
+    folder = tmp_path / "tive" / "features"
+    spec = json.loads((folder / "shards.json").read_text())
+    sizes = [len(np.load(folder / name / "indices.npy")) for name in spec["shards"]]
+    assert sizes == [270, 0]
+    ranks = [json.loads(p.read_text()) for p in sorted((tmp_path / "tive" / "ranks").glob("rank-*.json"))]
+    assert [r["valued_this_run"] for r in ranks] == [270, 0] and len({r["selection_sha256"] for r in ranks}) == 1
+    assert len(json.loads((tmp_path / "tive" / "subset.json").read_text())) == round(0.15 * 270)
+
+
+def test_three_processes_on_a_five_example_pool(tmp_path):
+    tiny_pool = """
+data:
+  demo:
+    train_sizes: {color: 2, shape: 2, text: 1}
+    val_size: 2
+tive:
+  ratio: 0.6
+  warmup_ratio: 1.0
+  chunk_size: 1
+"""
+    run(tmp_path, 3, extra=tiny_pool)
+    folder = tmp_path / "tive" / "features"
+    spec = json.loads((folder / "shards.json").read_text())
+    together = sorted(np.concatenate([np.load(folder / name / "indices.npy") for name in spec["shards"]]).tolist())
+    assert together == [0, 1, 2, 3, 4]
+    assert len(json.loads((tmp_path / "tive" / "subset.json").read_text())) == 3

@@ -184,3 +184,17 @@ def test_columns_land_at_their_pool_index_and_unwritten_rows_read_nan(tmp_path):
         store.write_chunk(3, np.arange(15, 20), feats[15:20], norms[15:20], columns={"perplexity": loss[15:20]})
     with pytest.raises(ValueError, match="every column needs 5 values"):
         store.write_chunk(3, np.arange(15, 20), feats[15:20], norms[15:20], columns={"loss": loss[:3]})
+
+
+def test_an_empty_store_is_complete_and_reads_as_no_rows(tmp_path):
+    from lightning_tive.tive.values import instance_values
+
+    store = FeatureStore(tmp_path, 0, DIM, chunk_size=CHUNK, extra={"rank": 2})
+    assert store.num_chunks == 0 and store.is_complete() and store.missing_chunks() == []
+    again = FeatureStore.open(tmp_path)
+    assert again.read_norms().shape == (0,) and again.read_column("loss").shape == (0,)
+    assert [block for _, block in again.iter_blocks()] == []
+    u, finite = instance_values(again, np.zeros(0, dtype=np.int64), 3)
+    assert u.shape == (0,) and finite.shape == (0,)
+    with pytest.raises(ValueError, match="non-negative"):
+        FeatureStore(tmp_path / "bad", -1, DIM)
