@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,100 @@ print(json.dumps(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out == {"find_spec": [], "metadata": [], "refused": True, "config": 0.5, "loaded": []}
+
+
+def run_script(tmp_path: Path, *args: str, timeout: int = 600) -> tuple[subprocess.CompletedProcess, dict]:
+    """scripts/gpu_check.py in a subprocess without the optional packages; its JSON line and its --out file."""
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--out", str(out), *args],
+        env=hidden_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
+    )
+    assert proc.stdout.strip(), proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert json.loads(out.read_text()) == result
+    assert out.with_suffix(".log").exists()
+    return proc, result
+
+
+@pytest.mark.slow
+def test_cpu_check_runs_every_part(tmp_path):
+    proc, result = run_script(tmp_path, "--cpu", "--budget-s", "500")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert result["mode"] == "cpu" and result["ok"] is True
+    assert not any(result["env"]["optional_importable"].values())
+    for name in ("torch", "lightning", "transformers", "peft", "torchmetrics", "yaml", "PIL", "tokenizers"):
+        assert not str(result["env"][name]).startswith("missing"), name
+    parts = result["parts"]
+    assert list(parts) == ["slice", "smoke_ddp", "smoke_sharded"]
+
+    a = parts["slice"]
+    assert a["status"] == "ok" and "errors" not in a and "skipped" not in a, a
+    for key in ("training", "valuation", "naive", "rademacher"):
+        assert a[key]["ex_s"] > 0, key
+    assert a["valuation"]["finite"] is True
+    assert a["valuation_vs_training"] > 0 and a["batched_vs_naive"] > 0
+    # bf16 model: the batched engine and the batch-of-one loop agree to bf16 rounding
+    assert a["check_max_rel_diff"]["features"] < 0.1 and a["check_max_rel_diff"]["norms"] < 0.05
+    assert set(a["estimate_projection_cost"]["slice"]) == {"kronecker", "rademacher"}
+    assert a["settings"]["image_tokens"] == 16 and a["settings"]["device"] == "cpu"
+
+    b = parts["smoke_ddp"]
+    assert b["status"] == "ok" and b["ran"] is True, b
+    assert b["strategy"] == "DDPStrategy" and b["process_group"] == "gloo"
+    assert b["budget"] == round(0.15 * b["pool_size"]) and b["selected"] == b["budget"]
+    assert b["global_step"] > 0 and b["logger"] == "CSVLogger"
+    for phase in ("warmup_s", "valuation_s", "selection_s", "training_s", "fit_s"):
+        assert b["phases_s"][phase] >= 0, phase
+    assert b["forced_collectives"] is True and b["collectives"].get("all_reduce:cpu", 0) > 0
+    assert "summary.json" in b["outputs"]
+
+    c = parts["smoke_sharded"]
+    assert c["strategy"] == "ModelParallelStrategy"
+    assert c["status"] in ("ok", "refused"), c
+    if c["status"] == "refused":
+        assert c["ran"] is False and c["error"]
+
+
+def test_budget_is_enforced_before_each_part(tmp_path):
+    proc, result = run_script(tmp_path, "--cpu", "--budget-s", "3", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert result["ok"] is False
+    for name, record in result["parts"].items():
+        assert record["status"] == "skipped", name
+        assert "budget" in record["note"], name
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_part_past_the_budget_is_killed_and_keeps_what_it_reported():
+    gpu_check = load_script()
+    child = (
+        "import json, subprocess, sys, time\n"
+        f"print({gpu_check.MARK!r} + json.dumps({{'training': {{'ex_s': 1.5}}}}), flush=True)\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"  # a grandchild, killed too
+        "time.sleep(60)\n"
+    )
+    start = time.perf_counter()
+    record = gpu_check.run_command([sys.executable, "-c", child], dict(os.environ), 3, None, "test")
+    assert time.perf_counter() - start < 30
+    assert record["status"] == "timeout" and "budget" in record["note"]
+    assert record["training"] == {"ex_s": 1.5}
+
+
+def test_a_failing_part_reports_its_error_and_merges_notes():
+    gpu_check = load_script()
+    child = (
+        "import json\n"
+        f"print({gpu_check.MARK!r} + json.dumps({{'errors': {{'a': 'x'}}}}), flush=True)\n"
+        f"print({gpu_check.MARK!r} + json.dumps({{'errors': {{'b': 'y'}}, 'skipped': {{'c': 'z'}}}}), flush=True)\n"
+        "raise SystemExit('boom')\n"
+    )
+    record = gpu_check.run_command([sys.executable, "-c", child], dict(os.environ), 60, None, "test")
+    assert record["status"] == "error" and "boom" in record["error"]
+    assert record["errors"] == {"a": "x", "b": "y"} and record["skipped"] == {"c": "z"}
