@@ -26,7 +26,8 @@ cannot touch the next), each timed, each recorded with its status and error text
   ``strategy: ddp``, ``devices: 1``: NCCL, with TIVE's collectives forced to run on the one-process
   group (they are skipped with one process otherwise), so a CPU tensor sent to one would fail here;
 * ``smoke_sharded`` (c): the same with Lightning's ``ModelParallelStrategy`` (FSDP2's
-  ``fully_shard``); ``refused`` while the codebase does not support it.
+  ``fully_shard``); ``refused`` while the codebase does not support it;
+* ``smoke_ddp_bf16``: (b) again under ``precision: bf16-true``, as real runs on the GPU train.
 
 ``--budget-s`` is enforced: a part starts only if the budget left covers its usual cost, and a
 running part is killed when the budget is spent (what it reported so far is kept). Each skip or
@@ -57,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-PARTS = ("slice", "smoke_ddp", "smoke_sharded")
+PARTS = ("slice", "smoke_ddp", "smoke_sharded", "smoke_ddp_bf16")
 MARK = "@@ "  # a child's result lines: MARK + a JSON object merged into its part's record
 OPTIONAL = ("jsonargparse", "wandb", "bitsandbytes", "gguf")
 VERSIONS = (
@@ -65,8 +66,8 @@ VERSIONS = (
     "yaml", "safetensors", "tqdm", "matplotlib",
 )
 # Seconds a part usually needs (on the GPU, on 2 busy CPU cores): it is skipped with less budget left.
-MIN_PART_S = {"gpu": {"slice": 90, "smoke_ddp": 75, "smoke_sharded": 30},
-              "cpu": {"slice": 15, "smoke_ddp": 30, "smoke_sharded": 10}}
+MIN_PART_S = {"gpu": {"slice": 90, "smoke_ddp": 75, "smoke_sharded": 30, "smoke_ddp_bf16": 60},
+              "cpu": {"slice": 15, "smoke_ddp": 30, "smoke_sharded": 10, "smoke_ddp_bf16": 30}}
 RESERVE_S = 5  # kept back for writing the result
 LM_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -123,7 +124,8 @@ def versions() -> dict:
                    capability=f"{props.major}.{props.minor}", multiprocessors=props.multi_processor_count,
                    gpus=torch.cuda.device_count())
         with contextlib.suppress(Exception):
-            out["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+            nccl = torch.cuda.nccl.version()
+            out["nccl"] = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl)
         with contextlib.suppress(Exception):
             out["cudnn"] = torch.backends.cudnn.version()
     return out
@@ -460,8 +462,8 @@ def is_refusal(err: BaseException) -> bool:
         isinstance(err, TypeError) and "configure_model" in text)
 
 
-def child_smoke(args: argparse.Namespace, sharded: bool) -> None:
-    """Parts (b) and (c): the smoke select-then-train through Lightning, without the CLI."""
+def child_smoke(args: argparse.Namespace, part: str) -> None:
+    """Parts (b), (c) and (b) in bf16: the smoke select-then-train through Lightning, without the CLI."""
     import lightning as L
     import torch
 
@@ -473,7 +475,8 @@ def child_smoke(args: argparse.Namespace, sharded: bool) -> None:
 
     clock = time.perf_counter()
     cfg = load_yaml_config([ROOT / p for p in SMOKE_CONFIGS])
-    root = Path(args.work_dir) / ("smoke_sharded" if sharded else "smoke_ddp")
+    sharded = part == "smoke_sharded"
+    root = Path(args.work_dir) / part
     accelerator = "cpu" if args.cpu else "cuda"
     devices = 1
     record: dict[str, Any] = {"configs": list(SMOKE_CONFIGS), "accelerator": accelerator, "devices": devices}
@@ -506,7 +509,9 @@ def child_smoke(args: argparse.Namespace, sharded: bool) -> None:
     record["logger"] = type(logger).__name__ if logger else None
     t_cfg.update(default_root_dir=str(root), accelerator=accelerator, devices=devices, enable_progress_bar=False,
                  enable_model_summary=False)
-    if args.precision:
+    if part == "smoke_ddp_bf16":
+        t_cfg["precision"] = "bf16-true"
+    elif args.precision:
         t_cfg["precision"] = args.precision
     record["precision"] = t_cfg.get("precision")
 
@@ -567,7 +572,7 @@ def child_smoke(args: argparse.Namespace, sharded: bool) -> None:
     if "train_start" in marks and "train_end" in marks:
         phases["training_s"] = round(marks["train_end"] - marks["train_start"], 3)
     phases["fit_s"] = round(marks["fit_end"] - marks["fit_start"], 3)
-    metrics = {k: round(float(v), 5) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics = {k: round(float(v), 5) for k, v in trainer.callback_metrics.items() if v.numel() == 1 and k.count("/") == 1}
     record.update(
         status="ok", ran=True, pool_size=summary.get("pool_size"), budget=summary.get("budget"),
         selected=summary.get("selected"), distinct_selected=summary.get("distinct_selected"),
@@ -660,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.child == "slice":
             child_slice(args)
         else:
-            child_smoke(args, sharded=args.child == "smoke_sharded")
+            child_smoke(args, args.child)
         return 0
 
     clock = time.perf_counter()
@@ -678,7 +683,8 @@ def main(argv: list[str] | None = None) -> int:
                "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
         env.setdefault("WANDB_MODE", "disabled")
         log = stack.enter_context(open(Path(args.out).with_suffix(".log"), "w")) if args.out else None
-        result: dict[str, Any] = {"mode": kind, "budget_s": args.budget_s, "command": " ".join(sys.argv)}
+        result: dict[str, Any] = {"mode": kind, "budget_s": args.budget_s, "command": " ".join(sys.argv),
+                                  "cache": cache, "work_dir": args.work_dir}
         try:
             result["env"] = versions()
         except Exception as err:  # noqa: BLE001

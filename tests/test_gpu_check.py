@@ -104,12 +104,18 @@ print(json.dumps(out))
 
 
 def run_script(tmp_path: Path, *args: str, timeout: int = 600) -> tuple[subprocess.CompletedProcess, dict]:
-    """scripts/gpu_check.py in a subprocess without the optional packages; its JSON line and its --out file."""
+    """scripts/gpu_check.py in a subprocess without the optional packages; its JSON line and its --out file.
+
+    As on the GPU machine, LIGHTNING_TIVE_CACHE is unset: the script keeps its cache in its work folder.
+    """
     out = tmp_path / "gpu_check.json"
+    env = hidden_env(tmp_path, HOME=str(tmp_path / "home"))
+    del env["LIGHTNING_TIVE_CACHE"]
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--out", str(out), *args],
-        env=hidden_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
     )
+    assert not (tmp_path / "home" / ".cache" / "lightning_tive").exists()
     assert proc.stdout.strip(), proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert json.loads(out.read_text()) == result
@@ -126,7 +132,8 @@ def test_cpu_check_runs_every_part(tmp_path):
     for name in ("torch", "lightning", "transformers", "peft", "torchmetrics", "yaml", "PIL", "tokenizers"):
         assert not str(result["env"][name]).startswith("missing"), name
     parts = result["parts"]
-    assert list(parts) == ["slice", "smoke_ddp", "smoke_sharded"]
+    assert list(parts) == ["slice", "smoke_ddp", "smoke_sharded", "smoke_ddp_bf16"]
+    assert Path(result["cache"]).parent == Path(result["work_dir"]) and not Path(result["work_dir"]).exists()
 
     a = parts["slice"]
     assert a["status"] == "ok" and "errors" not in a and "skipped" not in a, a
@@ -144,10 +151,14 @@ def test_cpu_check_runs_every_part(tmp_path):
     assert b["strategy"] == "DDPStrategy" and b["process_group"] == "gloo"
     assert b["budget"] == round(0.15 * b["pool_size"]) and b["selected"] == b["budget"]
     assert b["global_step"] > 0 and b["logger"] == "CSVLogger"
+    assert set(b["metrics"]) >= {"train/loss", "val/loss"}
     for phase in ("warmup_s", "valuation_s", "selection_s", "training_s", "fit_s"):
         assert b["phases_s"][phase] >= 0, phase
     assert b["forced_collectives"] is True and b["collectives"].get("all_reduce:cpu", 0) > 0
     assert "summary.json" in b["outputs"]
+
+    bf16 = parts["smoke_ddp_bf16"]
+    assert bf16["status"] == "ok" and bf16["precision"] == "bf16-true" and bf16["budget"] == b["budget"], bf16
 
     c = parts["smoke_sharded"]
     assert c["strategy"] == "ModelParallelStrategy"
