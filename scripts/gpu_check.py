@@ -29,9 +29,10 @@ cannot touch the next), each timed, each recorded with its status and error text
   ``fully_shard``); ``refused`` while the codebase does not support it;
 * ``smoke_ddp_bf16``: (b) again under ``precision: bf16-true``, as real runs on the GPU train.
 
-``--budget-s`` is enforced: a part starts only if the budget left covers its usual cost, and a
-running part is killed when the budget is spent (what it reported so far is kept). Each skip or
-kill is noted in the JSON. ``docs/benchmarks.md`` § GPU check explains every field.
+``--budget-s`` is enforced: a part starts only if the budget left covers its usual cost; it may run
+until the budget left minus the usual cost of the parts after it, and is killed then (what it
+reported so far is kept; the slice's later steps skip themselves first). Each skip or kill is noted
+in the JSON. ``docs/benchmarks.md`` § GPU check explains every field.
 """
 
 from __future__ import annotations
@@ -662,11 +663,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.child:
-        if args.child == "slice":
-            child_slice(args)
-        else:
-            child_smoke(args, args.child)
-        return 0
+        code = 0
+        try:
+            child_slice(args) if args.child == "slice" else child_smoke(args, args.child)
+        except BaseException:  # noqa: BLE001 - reported through the exit code and the log
+            traceback.print_exc()
+            code = 1
+        finally:
+            import torch.distributed as dist
+
+            with contextlib.suppress(Exception):
+                if dist.is_available() and dist.is_initialized():
+                    dist.destroy_process_group()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)  # no interpreter shutdown: a stuck NCCL or CUDA teardown must not eat the budget
 
     clock = time.perf_counter()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
@@ -692,17 +703,19 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check env: " + json.dumps(result["env"]), flush=True)
         no_cuda = not args.cpu and not result["env"].get("cuda_available")
         result["parts"] = {}
-        for part in parts:
+        for k, part in enumerate(parts):
             left = args.budget_s - (time.perf_counter() - clock) - RESERVE_S
             need = MIN_PART_S[kind][part]
+            later = sum(MIN_PART_S[kind][p] for p in parts[k + 1 :])  # kept for the parts still to come
             if no_cuda:
                 record = {"status": "error", "error": "CUDA is not available (use --cpu for the CPU version)"}
             elif left < need:
                 record = {"status": "skipped",
                           "note": f"budget: {max(left, 0):.0f} s left of {args.budget_s:.0f}, the part needs ~{need} s"}
             else:
-                print(f"gpu_check: {part} (up to {left:.0f} s)", flush=True)
-                record = run_child(part, args, env, left, log)
+                cap = max(need, left - later)
+                print(f"gpu_check: {part} (up to {cap:.0f} s)", flush=True)
+                record = run_child(part, args, env, cap, log)
             result["parts"][part] = record
             print(f"gpu_check: {part}: {record.get('status')} in {record.get('seconds', 0)} s"
                   + (f" - {record.get('error') or record.get('note')}" if record.get("status") != "ok" else ""),
