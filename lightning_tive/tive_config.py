@@ -6,7 +6,10 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from jsonargparse.typing import PositiveFloat, PositiveInt, restricted_number_type
+try:
+    from jsonargparse.typing import PositiveFloat, PositiveInt, restricted_number_type
+except ModuleNotFoundError:  # the CLI needs jsonargparse; Python callers can do without it
+    from lightning_tive.restricted_numbers import PositiveFloat, PositiveInt, restricted_number_type
 
 # Types the CLI checks while parsing, so a bad `tive:` value fails before any model is loaded.
 Fraction = restricted_number_type("Fraction", float, [(">", 0), ("<=", 1)], docstring="a number in (0, 1]")
