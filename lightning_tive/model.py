@@ -307,7 +307,7 @@ class LlavaModule(L.LightningModule):
         self._reference: dict | None = None
         self._shard_group: Any = None  # the data-parallel process group once configure_model sharded the model
         self._needs_dummy_image = False
-        self._spare_batch: dict | None = None
+        self._spare_batches: dict[str, dict] = {}  # sharded: the last batch of each stage, run by a process with none
 
     # ---------------------------------------------------------------- building
     @property
@@ -562,6 +562,12 @@ class LlavaModule(L.LightningModule):
 
         if self.finetune == "qlora":
             raise ValueError("model.finetune=qlora keeps 4-bit base weights, which FSDP2 does not shard here; use lora")
+        if getattr(self.trainer.strategy, "_save_distributed_checkpoint", False):
+            # Checkpoints keep trainable weights only, and a distributed checkpoint loads only in full.
+            raise ValueError(
+                "set ModelParallelStrategy(save_distributed_checkpoint=False): lightning_tive's checkpoints keep the "
+                "trainable weights only, gathered into one file by process 0, which `fit --ckpt_path` and `export` read"
+            )
         mesh = data_parallel_mesh(mesh)
         llava = self.llava
         head = llava.lm_head
@@ -608,14 +614,14 @@ class LlavaModule(L.LightningModule):
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self._shard_group)
         return int(tensor.item())
 
-    def _spare(self, batch: dict) -> dict:
-        """A batch to run for the collectives' sake when this process has none (its result is discarded)."""
-        if self._spare_batch is None:
+    def _spare(self, batch: dict, stage: str) -> dict:
+        """An earlier batch to run for the collectives' sake when this process has none (its result is unused)."""
+        if stage not in self._spare_batches:
             raise RuntimeError(
-                "under FSDP every process must run each step, and this process's first batch holds only skipped "
-                f"records ({batch.get('skipped_pool_index')}); fix or remove them (data.on_bad_record)"
+                f"under FSDP every process must run each step, and this process's first {stage} batch holds only "
+                f"skipped records ({batch.get('skipped_pool_index')}); fix or remove them (data.on_bad_record)"
             )
-        return self._spare_batch
+        return self._spare_batches[stage]
 
     # ---------------------------------------------------------------- forward and losses
     def forward(self, batch: dict) -> Any:
@@ -675,10 +681,10 @@ class LlavaModule(L.LightningModule):
             if not self.sharded:
                 return None
             # Sharded, every process must run the forward and backward: a zero loss on an earlier batch.
-            total, count = self.batch_nll(self._spare(batch))
+            total, count = self.batch_nll(self._spare(batch, "train"))
             return total.sum() * 0.0
         if self.sharded:
-            self._spare_batch = batch
+            self._spare_batches["train"] = batch
         total, count = self.batch_nll(batch)
         loss = total.sum() / count.sum().clamp(min=1)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(count))
@@ -714,15 +720,26 @@ class LlavaModule(L.LightningModule):
         self._eval_step(batch)
 
     def _eval_step(self, batch: dict) -> None:
-        if self.val_metrics is None or "input_ids" not in batch:
+        if self.val_metrics is None:
             return
+        if "input_ids" not in batch:
+            if self.sharded:  # every process runs the same forwards: a spare batch, not counted
+                spare = self._spare(batch, "eval")
+                self.per_example_loss(spare)
+                if self._max_over_processes(0, self.device):
+                    self.generate_answers(spare)
+            return
+        if self.sharded:
+            self._spare_batches["eval"] = batch
         losses = self.per_example_loss(batch)
         tasks = [self.task_names[t] for t in batch["task_id"].tolist()]
         for task in set(tasks):
             rows = torch.tensor([t == task for t in tasks], device=losses.device)
             self.val_metrics[_key(task, "loss")].update(losses[rows])
-        need = [self.eval_kinds.get(t, "loss_only") != "loss_only" for t in tasks]
-        if not any(need):
+        need = any(self.eval_kinds.get(t, "loss_only") != "loss_only" for t in tasks)
+        if self.sharded:  # generation runs the model: on every process, or on none
+            need = bool(self._max_over_processes(int(need), losses.device))
+        if not need:
             return
         predictions = self.generate_answers(batch)
         for task, kind, prediction, answer, has_prompt in zip(
@@ -746,6 +763,9 @@ class LlavaModule(L.LightningModule):
         pixels = self._pixels(batch)
         if pixels is not None:  # transformers 5 generate() runs the vision tower even on pixel_values=None
             inputs["pixel_values"] = pixels
+        if self.sharded:  # every process runs as many steps as the longest answer takes, and the vision tower
+            inputs["synced_gpus"] = True
+            self._needs_dummy_image = pixels is None
         output = self.model.generate(
             **inputs,
             max_new_tokens=max_new_tokens or self.val_max_new_tokens,
