@@ -38,6 +38,10 @@ class TIVESelectionCallback(Callback):
         # Resumable state: the selected multiset and the summary that describes it.
         self.selected: np.ndarray | None = None
         self.summary: dict = {}
+        # The checkpoint a fit resumes from, when known before Lightning restores callbacks (the CLI sets
+        # it): ModelParallelStrategy restores them only after on_fit_start.
+        self.resume_from: str | None = None
+        self._swapped: tuple | None = None  # (trainer, datamodule) once the training set was swapped
 
     # ---------------------------------------------------------------- refusals
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -88,9 +92,11 @@ class TIVESelectionCallback(Callback):
                 f"{type(datamodule).__name__} lacks {missing_members(datamodule, DATA_MEMBERS)} "
                 "(see lightning_tive.protocols.TIVEData, or use LlavaDataModule)"
             )
-        if self.selected is None and trainer.ckpt_path and trainer.strategy.restore_checkpoint_after_setup:
+        resume_from = trainer.ckpt_path or self.resume_from
+        restore_late = trainer.strategy.restore_checkpoint_after_setup
+        if self.selected is None and resume_from and restore_late and Path(str(resume_from)).exists():
             # This strategy (ModelParallelStrategy) restores callbacks only after on_fit_start: read ours now.
-            self.load_state_dict(_saved_callback_state(trainer.ckpt_path, self.state_key))
+            self.load_state_dict(_saved_callback_state(resume_from, self.state_key))
         if self.selected is not None:
             rank_zero_info(f"[tive] re-applying the restored selection of {len(self.selected)} examples")
             if is_sharded(trainer.strategy):
@@ -154,6 +160,7 @@ class TIVESelectionCallback(Callback):
         return values, timings, run
 
     def _swap(self, trainer: L.Trainer, datamodule: Any) -> None:
+        self._swapped = (trainer, datamodule)
         datamodule.set_train_indices(self.selected)
         # The train loader may already exist (the scheduler read estimated_stepping_batches): rebuild it.
         trainer.fit_loop._combined_loader = None
@@ -173,10 +180,19 @@ class TIVESelectionCallback(Callback):
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore the selection written by an earlier part of this fit."""
-        if state_dict.get("selected") is not None:
-            self.selected = np.asarray(state_dict["selected"], dtype=np.int64)
+        """Restore the selection written by an earlier part of this fit.
+
+        A strategy that restores callbacks after on_fit_start (ModelParallelStrategy, resumed without the
+        CLI) has swapped in a selection by then: the restored one replaces it.
+        """
+        restored = state_dict.get("selected")
         self.summary = state_dict.get("summary", {})
+        if restored is None:
+            return
+        swapped, self.selected = self.selected, np.asarray(restored, dtype=np.int64)
+        if self._swapped is not None and (swapped is None or not np.array_equal(swapped, self.selected)):
+            rank_zero_info(f"[tive] re-applying the restored selection of {len(self.selected)} examples")
+            self._swap(*self._swapped)
 
 
 def _saved_callback_state(ckpt_path: str | Path, key: str) -> dict:

@@ -562,7 +562,8 @@ class LlavaModule(L.LightningModule):
 
         if self.finetune == "qlora":
             raise ValueError("model.finetune=qlora keeps 4-bit base weights, which FSDP2 does not shard here; use lora")
-        if getattr(self.trainer.strategy, "_save_distributed_checkpoint", False):
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if getattr(strategy, "_save_distributed_checkpoint", False):
             # Checkpoints keep trainable weights only, and a distributed checkpoint loads only in full.
             raise ValueError(
                 "set ModelParallelStrategy(save_distributed_checkpoint=False): lightning_tive's checkpoints keep the "
