@@ -551,7 +551,8 @@ class LlavaModule(L.LightningModule):
 
         One FSDP unit per decoder layer of the LM and of the vision tower, one for `lm_head`, and the
         LLaVA model (embeddings, projector, norms) as the root. A TIVE reference adapter reserved before
-        (`reserve_reference_adapter`) is sharded with the layers that hold it.
+        (`reserve_reference_adapter`) is sharded with the layers that hold it. Under `bf16-mixed` the
+        weights stay fp32 (the optimizer's master copy) and FSDP gathers and computes them in bf16.
         """
         mesh = self.device_mesh
         if mesh is None or self.sharded:
@@ -577,11 +578,23 @@ class LlavaModule(L.LightningModule):
                 "the language model ties lm_head to the input embeddings; sharding it with FSDP2 needs both in one "
                 "unit, which lightning_tive does not build: use DDP for this model"
             )
+        options: dict[str, Any] = {"mesh": mesh}
+        if strategy is not None and str(self.trainer.precision) == "bf16-mixed":
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            # bf16 all-gathers and compute, fp32 master weights and gradient reduction. Under autocast
+            # alone, its cache would keep a bf16 copy of every all-gathered weight until the forward ends.
+            options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for blocks in _layer_lists(llava.model.vision_tower) + _layer_lists(llava.model.language_model):
             for block in blocks:
-                fully_shard(block, mesh=mesh)
-        fully_shard(head, mesh=mesh)
-        fully_shard(llava.model, mesh=mesh)
+                fully_shard(block, **options)
+        fully_shard(head, **options)
+        fully_shard(llava.model, **options)
+        if "mp_policy" in options:
+            from lightning_tive.sharding import sync_mixed_precision
+
+            # after FSDP's own pre-forward hooks, which fix the dtypes at the first forward
+            llava.model.register_forward_pre_hook(lambda *_: sync_mixed_precision(llava))
         llava.model.language_model.register_forward_pre_hook(self._dummy_image_hook, with_kwargs=True)
         self._shard_group = mesh.get_group()
 
