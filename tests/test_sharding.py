@@ -37,11 +37,17 @@ def batch(processor):
     return next(iter(dm.pool_dataloader(list(range(0, 40, 5)), batch_size=8)))
 
 
-def sharded(finetune: str) -> tuple[LlavaModule, dict, dict]:
+class FakeTrainer:
+    def __init__(self, precision: str) -> None:
+        self.precision, self.strategy = precision, object()
+
+
+def sharded(finetune: str, precision: str = "32-true") -> tuple[LlavaModule, dict, dict]:
     """A module sharded as under ModelParallelStrategy, with its weights' digests and flags from before."""
     from torch.distributed.device_mesh import init_device_mesh
 
     module = LlavaModule(tiny=TinyLlavaConfig(), finetune=finetune)
+    module._trainer = FakeTrainer(precision)
     digests = whole_digests(module)
     flags = {name: p.requires_grad for name, p in module.named_parameters()}
     module.reserve_reference_adapter(CONFIG.reference_lora, CONFIG.seed)
@@ -91,3 +97,36 @@ def test_a_changed_main_weight_is_caught_under_sharding(process_group):
             weight = module.llava.model.language_model.layers[0].mlp.down_proj.weight
             with torch.no_grad():
                 weight.to_local()[0, 0] += 1.0
+
+
+def test_bf16_mixed_keeps_fp32_weights_and_gradients_after_the_warm_up(process_group, batch):
+    module, _, _ = sharded("full", "bf16-mixed")
+    with reference_model(module, CONFIG, Collectives(1, 0, "cpu")):
+        module.per_example_loss(batch).mean().backward()  # FSDP fixes its gradient dtypes at this first forward
+        for p in module.parameters():
+            p.grad = None
+    loss = module.per_example_loss(batch).mean()  # the LM (frozen during the warm-up) trains now
+    assert loss.dtype == torch.float32
+    loss.backward()
+    grads = [p.grad for _, p in module.trainable_parameters()]
+    assert all(g is not None and g.dtype == torch.float32 for g in grads)
+    assert all(p.dtype == torch.float32 for p in module.parameters())
+
+
+def test_padding_the_loss_chunks_calls_the_head_as_often_without_changing_the_loss():
+    from lightning_tive.model import chunked_per_example_nll
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11)
+    calls = []
+    head.register_forward_hook(lambda *_: calls.append(1))
+    hidden = torch.randn(2, 6, 8, requires_grad=True)
+    labels = torch.tensor([[-100, 1, 2, -100, 3, 4], [-100, -100, 5, 6, -100, -100]])
+    plain = chunked_per_example_nll(hidden, labels, head, chunk_tokens=2)
+    calls.clear()
+    padded = chunked_per_example_nll(hidden, labels, head, chunk_tokens=2, min_chunks=5)
+    assert len(calls) == 5  # 5 supervised tokens in 3 chunks of 2, padded to 5 (every process runs lm_head alike)
+    for a, b in zip(plain, padded, strict=True):
+        assert torch.equal(a, b)
+    grads = [torch.autograd.grad(out[0].sum(), [hidden, head.weight]) for out in (plain, padded)]
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
