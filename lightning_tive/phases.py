@@ -410,11 +410,6 @@ def saved_digest(path: Path) -> str | None:
     return adapter_digest(torch.load(path, map_location="cpu", weights_only=True)) if path.exists() else None
 
 
-def save_adapter(layers: list, extra_params: list, path: Path) -> None:
-    """Write the reference model's weights atomically."""
-    atomic_torch_save(adapter_state(layers, extra_params), path)
-
-
 def load_adapter(layers: list, extra_params: list, path: Path) -> None:
     """Load a saved reference model into the adapter (and the extra parameters)."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
