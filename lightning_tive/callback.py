@@ -16,11 +16,12 @@ from lightning_tive.distributed import Collectives
 from lightning_tive.feature_folder import open_features
 from lightning_tive.phases import ReferencePhases
 from lightning_tive.protocols import DATA_MEMBERS, MODEL_METHODS, TIVEData, TIVEModel, missing_members
+from lightning_tive.sharding import STRATEGY_HELP, data_parallel_mesh, is_sharded
 from lightning_tive.strategies import select_subset
 from lightning_tive.tive.values import instance_values
 from lightning_tive.tive_config import TIVEConfig
 
-SUPPORTED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
+SUPPORTED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy", "ModelParallelStrategy")
 STATE_VERSION = 1
 
 
@@ -37,6 +38,10 @@ class TIVESelectionCallback(Callback):
         # Resumable state: the selected multiset and the summary that describes it.
         self.selected: np.ndarray | None = None
         self.summary: dict = {}
+        # The checkpoint a fit resumes from, when known before Lightning restores callbacks (the CLI sets
+        # it): ModelParallelStrategy restores them only after on_fit_start.
+        self.resume_from: str | None = None
+        self._swapped: tuple | None = None  # (trainer, datamodule) once the training set was swapped
 
     # ---------------------------------------------------------------- refusals
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -46,8 +51,8 @@ class TIVESelectionCallback(Callback):
         name = type(trainer.strategy).__name__
         if name not in SUPPORTED_STRATEGIES:
             raise RuntimeError(
-                f"TIVESelectionCallback supports {' and '.join(SUPPORTED_STRATEGIES)}, not {name}: its warm-up and "
-                "per-example gradients need whole (unsharded) adapter weights on every process. Use "
+                f"TIVESelectionCallback supports {', '.join(SUPPORTED_STRATEGIES)}, not {name}. To shard the model, "
+                f"use FSDP2 through Lightning's ModelParallelStrategy: {STRATEGY_HELP}. Without sharding use "
                 "`trainer.strategy: ddp` (or a single device), or set `tive.enabled: false`."
             )
         if not isinstance(pl_module, TIVEModel):
@@ -55,6 +60,17 @@ class TIVESelectionCallback(Callback):
                 f"{type(pl_module).__name__} does not implement TIVE's model protocol: it lacks "
                 f"{missing_members(pl_module, MODEL_METHODS)} (see lightning_tive.protocols.TIVEModel)"
             )
+        if is_sharded(trainer.strategy):
+            data_parallel_mesh(trainer.strategy.device_mesh)  # refuses tensor parallelism
+            if self.config.needs_gradients and self.config.features_from is None:
+                # FSDP2 cannot add parameters after sharding: the adapter exists, frozen and inactive, before
+                # configure_model shards the model, and the warm-up activates it.
+                if not hasattr(pl_module, "reserve_reference_adapter"):
+                    raise TypeError(
+                        f"{type(pl_module).__name__} lacks reserve_reference_adapter(settings, seed), which TIVE needs "
+                        "under a sharded strategy to add its reference adapter before configure_model shards the model"
+                    )
+                pl_module.reserve_reference_adapter(self.config.reference_lora, self.config.seed)
         names = getattr(trainer.datamodule, "task_names", None)
         unknown = sorted(set(self.config.exclude_tasks) - set(names or []))
         if names is not None and unknown:
@@ -76,8 +92,15 @@ class TIVESelectionCallback(Callback):
                 f"{type(datamodule).__name__} lacks {missing_members(datamodule, DATA_MEMBERS)} "
                 "(see lightning_tive.protocols.TIVEData, or use LlavaDataModule)"
             )
+        resume_from = trainer.ckpt_path or self.resume_from
+        restore_late = trainer.strategy.restore_checkpoint_after_setup
+        if self.selected is None and resume_from and restore_late and Path(str(resume_from)).exists():
+            # This strategy (ModelParallelStrategy) restores callbacks only after on_fit_start: read ours now.
+            self.load_state_dict(_saved_callback_state(resume_from, self.state_key))
         if self.selected is not None:
             rank_zero_info(f"[tive] re-applying the restored selection of {len(self.selected)} examples")
+            if is_sharded(trainer.strategy):
+                pl_module.remove_reference_adapter()  # the adapter reserved in setup is not needed
             self._swap(trainer, datamodule)
             return
         comm = Collectives.of(trainer)
@@ -137,6 +160,7 @@ class TIVESelectionCallback(Callback):
         return values, timings, run
 
     def _swap(self, trainer: L.Trainer, datamodule: Any) -> None:
+        self._swapped = (trainer, datamodule)
         datamodule.set_train_indices(self.selected)
         # The train loader may already exist (the scheduler read estimated_stepping_batches): rebuild it.
         trainer.fit_loop._combined_loader = None
@@ -156,7 +180,29 @@ class TIVESelectionCallback(Callback):
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore the selection written by an earlier part of this fit."""
-        if state_dict.get("selected") is not None:
-            self.selected = np.asarray(state_dict["selected"], dtype=np.int64)
+        """Restore the selection written by an earlier part of this fit.
+
+        A strategy that restores callbacks after on_fit_start (ModelParallelStrategy, resumed without the
+        CLI) has swapped in a selection by then: the restored one replaces it.
+        """
+        restored = state_dict.get("selected")
         self.summary = state_dict.get("summary", {})
+        if restored is None:
+            return
+        swapped, self.selected = self.selected, np.asarray(restored, dtype=np.int64)
+        if self._swapped is not None and (swapped is None or not np.array_equal(swapped, self.selected)):
+            rank_zero_info(f"[tive] re-applying the restored selection of {len(self.selected)} examples")
+            self._swap(*self._swapped)
+
+
+def _saved_callback_state(ckpt_path: str | Path, key: str) -> dict:
+    """A callback's state in a Lightning checkpoint: a file, or a distributed checkpoint's folder."""
+    import torch
+
+    path = Path(ckpt_path)
+    if path.is_dir():
+        from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+        path = path / _METADATA_FILENAME
+    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    return checkpoint.get("callbacks", {}).get(key, {})

@@ -74,6 +74,9 @@ class TiveCLI(LightningCLI):
         cfg, root = self.config[self.subcommand], self._root()
         finished = root / FINISHED
         if cfg.ckpt_path is not None:
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, TIVESelectionCallback):
+                    callback.resume_from = str(cfg.ckpt_path)
             return
         if finished.exists() and not cfg.overwrite:
             raise RuntimeError(

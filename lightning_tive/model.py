@@ -146,13 +146,15 @@ def _token_nll(states: torch.Tensor, targets: torch.Tensor, head: torch.nn.Modul
 
 
 def chunked_per_example_nll(
-    hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_tokens: int = NLL_CHUNK_TOKENS
+    hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_tokens: int = NLL_CHUNK_TOKENS,
+    min_chunks: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`per_example_nll(head(hidden), labels)` from last hidden states, never holding more than one chunk's logits.
 
     Only supervised positions go through ``head`` (in float32 after it, as in the reference), in chunks
     of ``chunk_tokens``, each under non-reentrant checkpointing so its logits are recomputed in
-    backward instead of kept from the forward.
+    backward instead of kept from the forward. ``min_chunks`` pads with empty chunks, so ``head`` runs
+    that many times at least (under FSDP every process must run it equally often).
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
@@ -163,7 +165,7 @@ def chunked_per_example_nll(
     checkpointed = torch.is_grad_enabled()
     pieces = []
     # At least one (maybe empty) chunk, so the result stays attached to the graph without supervision.
-    for start in range(0, max(len(targets), 1), chunk_tokens):
+    for start in range(0, max(len(targets), 1, min_chunks * chunk_tokens), chunk_tokens):
         piece = (states[start : start + chunk_tokens], targets[start : start + chunk_tokens], head)
         if checkpointed:
             pieces.append(checkpoint(_token_nll, *piece, use_reentrant=False))
@@ -300,7 +302,12 @@ class LlavaModule(L.LightningModule):
         self.model = self._build_model()
         self._apply_finetune_mode(freeze_vision_tower, freeze_language_model, train_projector, gradient_checkpointing)
         self.val_metrics: torch.nn.ModuleDict | None = None
-        self._requires_grad_before_reference: dict[str, bool] | None = None
+        # The TIVE reference adapter: None, or its settings key, the trainable flags from before it and
+        # whether it is active (added early and inactive when FSDP must shard it with the model).
+        self._reference: dict | None = None
+        self._shard_group: Any = None  # the data-parallel process group once configure_model sharded the model
+        self._needs_dummy_image = False
+        self._spare_batches: dict[str, dict] = {}  # sharded: the last batch of each stage, run by a process with none
 
     # ---------------------------------------------------------------- building
     @property
@@ -533,6 +540,103 @@ class LlavaModule(L.LightningModule):
         if checkpointing:
             base.enable_input_require_grads()
 
+    # ---------------------------------------------------------------- sharding (FSDP2)
+    @property
+    def sharded(self) -> bool:
+        """Whether configure_model sharded the model with FSDP2."""
+        return self._shard_group is not None
+
+    def configure_model(self) -> None:
+        """Shard with FSDP2 under ModelParallelStrategy; nothing under any other strategy.
+
+        One FSDP unit per decoder layer of the LM and of the vision tower, one for `lm_head`, and the
+        LLaVA model (embeddings, projector, norms) as the root. A TIVE reference adapter reserved before
+        (`reserve_reference_adapter`) is sharded with the layers that hold it. Under `bf16-mixed` the
+        weights stay fp32 (the optimizer's master copy) and FSDP gathers and computes them in bf16.
+        """
+        mesh = self.device_mesh
+        if mesh is None or self.sharded:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        from lightning_tive.sharding import data_parallel_mesh
+
+        if self.finetune == "qlora":
+            raise ValueError("model.finetune=qlora keeps 4-bit base weights, which FSDP2 does not shard here; use lora")
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if getattr(strategy, "_save_distributed_checkpoint", False):
+            # Checkpoints keep trainable weights only, and a distributed checkpoint loads only in full.
+            raise ValueError(
+                "set ModelParallelStrategy(save_distributed_checkpoint=False): lightning_tive's checkpoints keep the "
+                "trainable weights only, gathered into one file by process 0, which `fit --ckpt_path` and `export` read"
+            )
+        mesh = data_parallel_mesh(mesh)
+        llava = self.llava
+        head = llava.lm_head
+        if head.weight is llava.model.language_model.get_input_embeddings().weight:
+            raise ValueError(
+                "the language model ties lm_head to the input embeddings; sharding it with FSDP2 needs both in one "
+                "unit, which lightning_tive does not build: use DDP for this model"
+            )
+        options: dict[str, Any] = {"mesh": mesh}
+        if strategy is not None and str(self.trainer.precision) == "bf16-mixed":
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            # bf16 all-gathers and compute, fp32 master weights and gradient reduction. Under autocast
+            # alone, its cache would keep a bf16 copy of every all-gathered weight until the forward ends.
+            options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for blocks in _layer_lists(llava.model.vision_tower) + _layer_lists(llava.model.language_model):
+            for block in blocks:
+                fully_shard(block, **options)
+        fully_shard(head, **options)
+        fully_shard(llava.model, **options)
+        if "mp_policy" in options:
+            from lightning_tive.sharding import sync_mixed_precision
+
+            # after FSDP's own pre-forward hooks, which fix the dtypes at the first forward
+            llava.model.register_forward_pre_hook(lambda *_: sync_mixed_precision(llava))
+        llava.model.language_model.register_forward_pre_hook(self._dummy_image_hook, with_kwargs=True)
+        self._shard_group = mesh.get_group()
+
+    def _dummy_image_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        """Sharded, a batch without images still runs the vision tower and projector (on a blank image, times 0).
+
+        Every process must run the same FSDP units in the same order; LLaVA's own training does the
+        same for text-only samples under ZeRO-3.
+        """
+        if not self._needs_dummy_image or kwargs.get("inputs_embeds") is None:
+            return None
+        self._needs_dummy_image = False
+        llava, embeds = self.llava, kwargs["inputs_embeds"]
+        size = llava.config.vision_config.image_size
+        tower = llava.model.vision_tower
+        pixels = torch.zeros(1, 3, size, size, device=embeds.device, dtype=next(tower.parameters()).dtype)
+        out = llava.model.get_image_features(
+            pixel_values=pixels,
+            vision_feature_layer=llava.config.vision_feature_layer,
+            vision_feature_select_strategy=llava.config.vision_feature_select_strategy,
+        )
+        features = out.pooler_output if hasattr(out, "pooler_output") else out
+        total = sum(f.float().sum() for f in (features if isinstance(features, (list, tuple)) else [features]))
+        return args, {**kwargs, "inputs_embeds": embeds + (0.0 * total).to(embeds.dtype)}
+
+    def _max_over_processes(self, value: int, device: torch.device) -> int:
+        """The largest `value` over the data-parallel processes (sharded only)."""
+        import torch.distributed as dist
+
+        tensor = torch.tensor([value], device=device, dtype=torch.int64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self._shard_group)
+        return int(tensor.item())
+
+    def _spare(self, batch: dict, stage: str) -> dict:
+        """An earlier batch to run for the collectives' sake when this process has none (its result is unused)."""
+        if stage not in self._spare_batches:
+            raise RuntimeError(
+                f"under FSDP every process must run each step, and this process's first {stage} batch holds only "
+                f"skipped records ({batch.get('skipped_pool_index')}); fix or remove them (data.on_bad_record)"
+            )
+        return self._spare_batches[stage]
+
     # ---------------------------------------------------------------- forward and losses
     def forward(self, batch: dict) -> Any:
         """Run LLaVA on a collated batch; returns the model output with logits."""
@@ -557,13 +661,20 @@ class LlavaModule(L.LightningModule):
         only supervised positions meet `lm_head`, in checkpointed chunks of `nll_chunk_tokens`.
         """
         llava = self.llava
+        pixels = self._pixels(batch)
+        self._needs_dummy_image = self.sharded and pixels is None
         hidden = llava.model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
-            pixel_values=self._pixels(batch),
+            pixel_values=pixels,
             use_cache=False,  # eval mode would otherwise keep a KV cache of every layer
         ).last_hidden_state
-        return chunked_per_example_nll(hidden, batch["labels"], llava.lm_head, self.nll_chunk_tokens)
+        labels = batch["labels"]
+        chunks = 1
+        if self.sharded:  # every process calls lm_head (an FSDP unit) equally often
+            supervised = int((labels[:, 1:] != -100).sum())
+            chunks = self._max_over_processes(max(1, math.ceil(supervised / self.nll_chunk_tokens)), hidden.device)
+        return chunked_per_example_nll(hidden, labels, llava.lm_head, self.nll_chunk_tokens, min_chunks=chunks)
 
     def per_example_loss(self, batch: dict) -> torch.Tensor:
         """Each example's mean NLL over its own supervised tokens: a vector [B]."""
@@ -580,17 +691,24 @@ class LlavaModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """LLaVA's loss: the token mean over the batch's supervised tokens."""
-        if "input_ids" not in batch:
-            # Every record of this batch was skipped as bad. A zero loss over every trainable weight
-            # keeps this process's backward (and DDP's gradient all-reduce) in step with the others.
-            return sum(p.sum() for _, p in self.trainable_parameters()) * 0.0
+        if "input_ids" not in batch:  # every record of this batch was skipped as bad
+            if not self.sharded:
+                # A zero loss over every trainable weight keeps this process's backward (and DDP's
+                # gradient all-reduce) in step with the others.
+                return sum(p.sum() for _, p in self.trainable_parameters()) * 0.0
+            # Sharded, every process must run the forward and backward: a zero loss on an earlier batch.
+            total, count = self.batch_nll(self._spare(batch, "train"))
+            return total.sum() * 0.0
+        if self.sharded:
+            self._spare_batches["train"] = batch
         total, count = self.batch_nll(batch)
         loss = total.sum() / count.sum().clamp(min=1)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(count))
-        if batch.get("pixel_values") is None:
+        if batch.get("pixel_values") is None and not self.sharded:
             # A text-only batch never reaches the vision side. Under DDP every process must produce a
             # gradient for every trainable weight in every step, or their all-reduces fall out of step
             # (one process moves on while the others wait): a zero term reaches the projector and tower.
+            # (FSDP2 reduces a unit that took no part in the forward in its final backward callback.)
             unreached = [p for n, p in self.trainable_parameters() if "multi_modal_projector" in n or "vision_tower" in n]
             if unreached:
                 loss = loss + 0.0 * sum(p.sum() for p in unreached)
@@ -626,15 +744,26 @@ class LlavaModule(L.LightningModule):
         self._eval_step(batch)
 
     def _eval_step(self, batch: dict) -> None:
-        if self.val_metrics is None or "input_ids" not in batch:
+        if self.val_metrics is None:
             return
+        if "input_ids" not in batch:
+            if self.sharded:  # every process runs the same forwards: a spare batch, not counted
+                spare = self._spare(batch, "eval")
+                self.per_example_loss(spare)
+                if self._max_over_processes(0, self.device):
+                    self.generate_answers(spare)
+            return
+        if self.sharded:
+            self._spare_batches["eval"] = batch
         losses = self.per_example_loss(batch)
         tasks = [self.task_names[t] for t in batch["task_id"].tolist()]
         for task in set(tasks):
             rows = torch.tensor([t == task for t in tasks], device=losses.device)
             self.val_metrics[_key(task, "loss")].update(losses[rows])
-        need = [self.eval_kinds.get(t, "loss_only") != "loss_only" for t in tasks]
-        if not any(need):
+        need = any(self.eval_kinds.get(t, "loss_only") != "loss_only" for t in tasks)
+        if self.sharded:  # generation runs the model: on every process, or on none
+            need = bool(self._max_over_processes(int(need), losses.device))
+        if not need:
             return
         predictions = self.generate_answers(batch)
         for task, kind, prediction, answer, has_prompt in zip(
@@ -658,6 +787,9 @@ class LlavaModule(L.LightningModule):
         pixels = self._pixels(batch)
         if pixels is not None:  # transformers 5 generate() runs the vision tower even on pixel_values=None
             inputs["pixel_values"] = pixels
+        if self.sharded:  # every process runs as many steps as the longest answer takes, and the vision tower
+            inputs["synced_gpus"] = True
+            self._needs_dummy_image = pixels is None
         output = self.model.generate(
             **inputs,
             max_new_tokens=max_new_tokens or self.val_max_new_tokens,
@@ -742,15 +874,55 @@ class LlavaModule(L.LightningModule):
     def add_reference_adapter(self, settings: LoraSettings, seed: int) -> list[tuple[str, torch.nn.Linear]]:
         """Add a fresh, seeded LoRA adapter on the LM as the only active and trainable one.
 
-        Returns the adapter's `lora_A`/`lora_B` Linear layers, whose weights TIVE differentiates.
+        Returns the adapter's `lora_A`/`lora_B` Linear layers, whose weights TIVE differentiates. An
+        adapter reserved with the same settings (`reserve_reference_adapter`) is activated instead.
         """
-        from peft import LoraConfig, get_peft_model
-
         from lightning_tive.tive.grads import find_lora_layers
 
-        if self._requires_grad_before_reference is not None:
+        key = {"settings": asdict(settings), "seed": seed}
+        if self._reference is None:
+            self._inject_reference(settings, seed)
+        elif self._reference["active"]:
             raise RuntimeError("a TIVE reference adapter is already present")
-        self._requires_grad_before_reference = {n: p.requires_grad for n, p in self.named_parameters()}
+        elif self._reference["key"] != key:
+            raise ValueError(f"the reserved reference adapter has settings {self._reference['key']}, not {key}")
+        if self.finetune == "full":
+            self.model.base_model.enable_adapter_layers()
+        else:
+            self.model.set_adapter(REFERENCE_ADAPTER)
+        for name, param in self.named_parameters():
+            param.requires_grad_(f".{REFERENCE_ADAPTER}." in name)
+        self._reference["active"] = True
+        return find_lora_layers(self.model, REFERENCE_ADAPTER)
+
+    def reserve_reference_adapter(self, settings: LoraSettings, seed: int) -> None:
+        """Add the reference adapter now, frozen and inactive, for `add_reference_adapter` to activate later.
+
+        Under FSDP the adapter must exist when `configure_model` shards the model; it is initialised
+        exactly as `add_reference_adapter` would initialise it.
+        """
+        if self._reference is not None:
+            raise RuntimeError("a TIVE reference adapter is already present")
+        if self.sharded:
+            raise RuntimeError("reserve the reference adapter before configure_model shards the model")
+        self._inject_reference(settings, seed)
+        if self.finetune == "full":
+            self.model.base_model.disable_adapter_layers()
+        else:
+            self.model.set_adapter("default")
+        before = self._reference["flags"]
+        wrapped = self.finetune == "full"  # peft's wrapper renames the base weights until unload()
+        for name, param in self.named_parameters():
+            param.requires_grad_(before.get(_without_reference_wrapper(name) if wrapped else name, False))
+
+    def _inject_reference(self, settings: LoraSettings, seed: int) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        self._reference = {
+            "key": {"settings": asdict(settings), "seed": seed},
+            "flags": {n: p.requires_grad for n, p in self.named_parameters()},
+            "active": False,
+        }
         config = LoraConfig(
             r=settings.r,
             lora_alpha=settings.alpha,
@@ -762,26 +934,31 @@ class LlavaModule(L.LightningModule):
             torch.manual_seed(seed)
             if hasattr(self.model, "add_adapter") and hasattr(self.model, "peft_config"):
                 self.model.add_adapter(REFERENCE_ADAPTER, config)
-                self.model.set_adapter(REFERENCE_ADAPTER)
             else:  # full fine-tuning: wrap for the warm-up, unwrapped again in remove_reference_adapter
                 self.model = get_peft_model(self.model, config, adapter_name=REFERENCE_ADAPTER)
-        for name, param in self.named_parameters():
-            param.requires_grad_(f".{REFERENCE_ADAPTER}." in name)
-        return find_lora_layers(self.model, REFERENCE_ADAPTER)
 
     def remove_reference_adapter(self) -> None:
-        """Drop the reference adapter and restore exactly which parameters train."""
-        if self._requires_grad_before_reference is None:
+        """Drop the reference adapter and restore exactly which parameters train.
+
+        Under FSDP its (frozen) shards stay in the FSDP units of the layers that held it: FSDP2 cannot
+        regroup parameters after sharding, so they are all-gathered with those layers but no longer
+        part of the model, its optimizer or its checkpoints.
+        """
+        if self._reference is None:
             return
+        from lightning_tive.tive.grads import find_lora_layers
+
+        for _, layer in find_lora_layers(self.model, REFERENCE_ADAPTER):
+            layer.requires_grad_(False)
         if self.finetune == "full":
             self.model = self.model.unload()
         else:
             self.model.set_adapter("default")
             self.model.delete_adapter(REFERENCE_ADAPTER)
-        before = self._requires_grad_before_reference
+        before = self._reference["flags"]
         for name, param in self.named_parameters():
             param.requires_grad_(before[name])
-        self._requires_grad_before_reference = None
+        self._reference = None
 
     # ---------------------------------------------------------------- checkpoints and export
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -928,6 +1105,16 @@ def _ensure_special_tokens(tokenizer: Any) -> None:
     if tokenizer.pad_token is None:
         # LLaVA-1.5 pads vicuna with <unk>; no new embedding row is needed.
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+
+
+def _without_reference_wrapper(name: str) -> str:
+    """A parameter's name without the peft wrapper that a full fine-tune's reference adapter adds."""
+    return name.replace(".base_model.model.", ".", 1).replace(".base_layer.", ".")
+
+
+def _layer_lists(module: torch.nn.Module) -> list[torch.nn.ModuleList]:
+    """The `layers` ModuleLists (decoder or encoder blocks) inside `module`."""
+    return [sub for name, sub in module.named_modules() if name.split(".")[-1] == "layers" and isinstance(sub, torch.nn.ModuleList)]
 
 
 def _image_tokens(processor: Any) -> int:

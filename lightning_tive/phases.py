@@ -3,8 +3,10 @@
 `ReferencePhases.run` adds the reference adapter, trains it on the task-balanced warm-up slice
 (resuming from its saved copy when a valuation was interrupted), writes one feature row per pool
 example of this process's shard, removes the adapter and checks that the main model is bit for bit
-what it was. Gradients go through `torch.autograd.grad` on the unwrapped module, so DDP's reducer
-never sees the adapter.
+what it was. Under DDP, gradients go through `torch.autograd.grad` on the unwrapped module, so DDP's
+reducer never sees the adapter. Under FSDP (ModelParallelStrategy, `lightning_tive.sharding`) the
+adapter was reserved before sharding, the warm-up is an ordinary backward and optimizer step over its
+shards, and every process runs each forward and backward in lockstep (they are collectives).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_tive.distributed import Collectives
 from lightning_tive.feature_folder import open_process_store, pool_fingerprint
 from lightning_tive.files import atomic_torch_save
+from lightning_tive.sharding import copy_full_, full, is_sharded, local
 from lightning_tive.tive.grads import layer_shapes, per_example_grads
 from lightning_tive.tive.modes import deterministic_train_mode
 from lightning_tive.tive.projection import (
@@ -58,13 +61,15 @@ class ReferencePhases:
     def __init__(self, config: TIVEConfig, trainer: Any, module: Any, datamodule: Any) -> None:
         self.config, self.trainer, self.module, self.datamodule = config, trainer, module, datamodule
         self.comm = Collectives.of(trainer)
+        self.sharded = is_sharded(trainer.strategy)
+        self._spare: dict | None = None  # a loaded batch, for a sharded process with nothing to run
 
     # ---------------------------------------------------------------- the run
     def run(self, out: Path) -> Valuation:
         """Warm up (or resume), value this process's shard into `out/features`, and restore the model."""
         config, trainer = self.config, self.trainer
         timings: dict[str, float] = {}
-        with reference_model(self.module, config) as (adapter, extra_params):
+        with reference_model(self.module, config, self.comm) as (adapter, extra_params):
             layers = [(name, layer) for name, layer in adapter if lora_module_of(name) in config.gradient_modules]
             projector = self.projector(layers)
             store, indices = open_process_store(
@@ -80,17 +85,22 @@ class ReferencePhases:
             clock = time.perf_counter()
             if resume:
                 # A valuation was interrupted: its adapter makes the remaining features match the stored ones.
-                if trainer.is_global_zero:
-                    load_adapter(adapter, extra_params, adapter_file)
+                if self.sharded:
+                    load_adapter_sharded(adapter, extra_params, adapter_file, self.comm)
                     rank_zero_info(f"[tive] resuming valuation with the reference adapter from {adapter_file}")
-                for tensor in [layer.weight for _, layer in adapter] + extra_params:
-                    self.comm.broadcast_(tensor)
+                else:
+                    if trainer.is_global_zero:
+                        load_adapter(adapter, extra_params, adapter_file)
+                        rank_zero_info(f"[tive] resuming valuation with the reference adapter from {adapter_file}")
+                    for tensor in [layer.weight for _, layer in adapter] + extra_params:
+                        self.comm.broadcast_(tensor)
             elif needs_valuation:
                 self.warm_up(extra_params)
-                if trainer.is_global_zero:
-                    save_adapter(adapter, extra_params, adapter_file)
+            state = adapter_state(adapter, extra_params) if needs_valuation else None  # a collective when sharded
+            if needs_valuation and not resume and trainer.is_global_zero:
+                atomic_torch_save(state, adapter_file)
             timings["warmup_s"] = time.perf_counter() - clock
-            digest = adapter_digest(adapter_state(adapter, extra_params)) if needs_valuation else saved_digest(adapter_file)
+            digest = adapter_digest(state) if needs_valuation else saved_digest(adapter_file)
             clock = time.perf_counter()
             valued = self.value(layers, projector, store, indices)
             timings["valuation_s"] = time.perf_counter() - clock
@@ -159,7 +169,10 @@ class ReferencePhases:
             global_batches = [order[k : k + global_batch] for k in range(0, len(order), global_batch)]
             loader = self.datamodule.pool_dataloader(batches=[b[comm.rank :: comm.world_size] for b in global_batches])
             for batch, whole in zip(loader, global_batches, strict=True):
-                loss = self._warmup_step(batch, len(whole), params)
+                if self.sharded:
+                    loss = self._warmup_step_sharded(batch, len(whole), indices)
+                else:
+                    loss = self._warmup_step(batch, len(whole), params)
                 if config.warmup_grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, config.warmup_grad_clip)
                 optimizer.step()
@@ -201,14 +214,85 @@ class ReferencePhases:
             p.grad = comm.sum_(g).to(p.dtype)
         return float(comm.sum_(value)[0])
 
+    def _warmup_step_sharded(self, batch: dict, global_size: int, indices: np.ndarray) -> float:
+        """`_warmup_step` under FSDP: an ordinary backward, whose reduce-scatter leaves each shard's gradient.
+
+        Every process runs a forward and backward (they are collectives); one whose slice is empty runs
+        a spare batch with its loss times 0.
+        """
+        trainer, module, comm = self.trainer, self.module, self.comm
+        present = "input_ids" in batch
+        if present:
+            batch = trainer.strategy.batch_to_device(batch)
+            self._spare = batch
+        run = batch if present else self.spare_batch(indices)
+        if self.config.warmup_loss == "token_mean":
+            tokens = module.supervised_tokens(batch).sum().float() if present else torch.zeros((), device=comm.device)
+            denominator = comm.sum(tokens.reshape(1)).clamp(min=1)[0]
+        else:
+            denominator = torch.tensor(float(global_size))
+        with trainer.precision_plugin.forward_context():
+            loss = warmup_loss(module, run, self.config.warmup_loss, denominator.to(trainer.strategy.root_device))
+        if not present:
+            loss = loss * 0.0
+        # FSDP averages the gradients over processes; each loss is its slice's share of the global mean,
+        # so times the number of processes the average is the global batch's gradient.
+        (loss * comm.world_size).backward()
+        value = loss.detach().float().reshape(1)
+        return float(comm.sum_(value)[0])
+
+    def spare_batch(self, indices: np.ndarray) -> dict:
+        """A batch on the device for a sharded process that has none to run (the first one that loads)."""
+        if self._spare is None:
+            for index in indices:
+                batch = next(iter(self.datamodule.pool_dataloader([int(index)], batch_size=1)))
+                if "input_ids" in batch:
+                    self._spare = self.trainer.strategy.batch_to_device(batch)
+                    break
+            else:
+                raise RuntimeError("no pool example loads: nothing to run the sharded model on")
+        return self._spare
+
     # ---------------------------------------------------------------- valuation
     def value(self, layers: list, projector: Projector, store: FeatureStore, indices: np.ndarray) -> int:
-        """Features of this process's rows, chunk by chunk into its store; returns how many were valued."""
+        """Features of this process's rows, chunk by chunk into its store; returns how many were valued.
+
+        Sharded, the processes step together until the last one is done; one with no batch (left) runs
+        a spare batch and discards its features.
+        """
         trainer, module = self.trainer, self.module
         missing = store.missing_chunks()
-        batch_size = self.valuation_batch_size()
         bar = progress(trainer, sum(np.diff(store.chunk_range(c))[0] for c in missing), "TIVE valuation")
-        valued = 0
+        valued = [0]
+        steps = self._valuation_batches(store, indices, missing, bar, valued)
+        while True:
+            item = next(steps, None)
+            more = self.comm.any(item is not None) if self.sharded else item is not None
+            if not more:
+                break
+            batch, record = item if item is not None else (None, None)
+            if batch is None and not self.sharded:
+                continue
+            run = batch if batch is not None else self.spare_batch(range(self.datamodule.pool_size))
+            # Training mode keeps gradient checkpointing on (transformers skips it in eval);
+            # every dropout is off, so features are deterministic.
+            with trainer.precision_plugin.forward_context(), deterministic_train_mode(module):
+                grads = per_example_grads(layers, projector, module.per_example_loss, run, sync_backward=self.sharded)
+            if record is not None:
+                record(grads)
+        bar.close()
+        self.comm.barrier("tive-valuation")
+        if not store.is_complete():
+            raise RuntimeError(f"feature store {store.folder} is incomplete after valuation: {store.missing_chunks()[:5]}")
+        return valued[0]
+
+    def _valuation_batches(
+        self, store: FeatureStore, indices: np.ndarray, missing: list, bar: Any, valued: list
+    ) -> Iterator[tuple[dict | None, Any]]:
+        """(batch on the device, a function that records its results) per valuation batch; (None, None)
+        for a batch whose records were all skipped. Each chunk is written once its batches are recorded."""
+        trainer, module = self.trainer, self.module
+        batch_size = self.valuation_batch_size()
         for chunk in missing:
             start, stop = store.chunk_range(chunk)
             pool_indices = indices[start:stop]
@@ -221,27 +305,30 @@ class ReferencePhases:
                 if "input_ids" in batch:
                     rows = [position[int(p)] for p in batch["pool_index"]]
                     batch = trainer.strategy.batch_to_device(batch)
-                    # Training mode keeps gradient checkpointing on (transformers skips it in eval);
-                    # every dropout is off, so features are deterministic.
-                    with trainer.precision_plugin.forward_context(), deterministic_train_mode(module):
-                        grads = per_example_grads(layers, projector, module.per_example_loss, batch)
-                    # Unit rows: float16 keeps ~3 digits of any direction, where a raw row of a small
-                    # gradient (entries below float16's normal range) would lose most of them.
-                    projected = grads.features.float()
-                    length = projected.norm(dim=1)
-                    features[rows] = (projected / length.clamp_min(1e-30)[:, None]).cpu().numpy()
-                    lengths[rows] = length.cpu().numpy()
-                    norms[rows] = grads.norms.float().cpu().numpy()
-                    losses[rows] = grads.losses.float().cpu().numpy()
-                    tokens[rows] = module.supervised_tokens(batch).float().cpu().numpy()
+                    if self._spare is None:
+                        self._spare = batch
+
+                    def record(grads: Any, batch: dict = batch, rows: list = rows,
+                               out: tuple = (features, norms, losses, tokens, lengths)) -> None:
+                        # Unit rows: float16 keeps ~3 digits of any direction, where a raw row of a small
+                        # gradient (entries below float16's normal range) would lose most of them.
+                        projected = grads.features.float()
+                        length = projected.norm(dim=1)
+                        out[0][rows] = (projected / length.clamp_min(1e-30)[:, None]).cpu().numpy()
+                        out[1][rows] = grads.norms.float().cpu().numpy()
+                        out[2][rows] = grads.losses.float().cpu().numpy()
+                        out[3][rows] = module.supervised_tokens(batch).float().cpu().numpy()
+                        out[4][rows] = length.cpu().numpy()
+
+                    yield batch, record
+                else:
+                    yield None, None
                 bar.update(count)
-            store.write_chunk(chunk, np.arange(start, stop), features, norms, columns={"loss": losses, "tokens": tokens, "feature_norm": lengths})
-            valued += stop - start
-        bar.close()
-        self.comm.barrier("tive-valuation")
-        if not store.is_complete():
-            raise RuntimeError(f"feature store {store.folder} is incomplete after valuation: {store.missing_chunks()[:5]}")
-        return valued
+            store.write_chunk(
+                chunk, np.arange(start, stop), features, norms,
+                columns={"loss": losses, "tokens": tokens, "feature_norm": lengths},
+            )
+            valued[0] += stop - start
 
 
 def warmup_loss(module: Any, batch: dict, kind: str, denominator: torch.Tensor) -> torch.Tensor:
@@ -253,11 +340,12 @@ def warmup_loss(module: Any, batch: dict, kind: str, denominator: torch.Tensor) 
 
 
 @contextlib.contextmanager
-def reference_model(module: Any, config: TIVEConfig) -> Iterator[tuple[list, list]]:
+def reference_model(module: Any, config: TIVEConfig, comm: Collectives | None = None) -> Iterator[tuple[list, list]]:
     """The module with the reference adapter added; afterwards the main model is back, bit for bit.
 
     Yields the adapter's (name, Linear) layers and the extra parameters the warm-up may train (the
-    projector), whose values and flags are restored on the way out.
+    projector), whose values and flags are restored on the way out. Sharded parameters are compared
+    shard by shard on their own process; `comm` makes the verdict the same on every process.
     """
     extra = list(module.projector_parameters())
     before = trainable_digests(module, extra)
@@ -274,9 +362,9 @@ def reference_model(module: Any, config: TIVEConfig) -> Iterator[tuple[list, lis
                 param.requires_grad_(flag)
         module.train(was_training)
     after = trainable_digests(module, extra)
-    if after != before:
-        changed = sorted(k for k in before if before[k] != after.get(k))[:5]
-        raise RuntimeError(f"the warm-up changed the main model's trainable weights (e.g. {changed})")
+    changed = sorted(before[k][0] for k in before if before[k][1] != after.get(k, (None, None))[1])[:5]
+    if comm.any(bool(changed)) if comm is not None else changed:
+        raise RuntimeError(f"the warm-up changed the main model's trainable weights (e.g. {changed or 'on another process'})")
 
 
 def lora_module_of(layer_name: str) -> str:
@@ -286,8 +374,8 @@ def lora_module_of(layer_name: str) -> str:
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
-    """A digest of a tensor's exact bits."""
-    data = tensor.detach()
+    """A digest of a tensor's exact bits (of this process's shard, for a sharded parameter)."""
+    data = local(tensor.detach())
     if data.element_size() > 1:
         data = data.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[data.element_size()])
     else:
@@ -295,16 +383,25 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     return hashlib.blake2b(data.cpu().contiguous().numpy().tobytes(), digest_size=16).hexdigest()
 
 
-def trainable_digests(module: torch.nn.Module, extra: list | None = None) -> dict[str, str]:
-    """Bit-level digests of every trainable parameter, and of `extra` ones (e.g. a frozen projector)."""
+def trainable_digests(module: torch.nn.Module, extra: list | None = None) -> dict[int, tuple[str, str]]:
+    """(name, bit-level digest) of every trainable parameter, and of `extra` ones (e.g. a frozen projector).
+
+    Keyed by the parameter's identity: its name changes while peft wraps a fully fine-tuned model
+    for the reference adapter, the parameter does not.
+    """
     ids = {id(p) for p in extra or []}
-    return {name: tensor_digest(p) for name, p in module.named_parameters() if p.requires_grad or id(p) in ids}
+    return {
+        id(p): (name, tensor_digest(p)) for name, p in module.named_parameters() if p.requires_grad or id(p) in ids
+    }
 
 
 def adapter_state(layers: list, extra_params: list) -> dict[str, torch.Tensor]:
-    """The reference model's own weights: adapter layers by name, extra parameters by position."""
-    state = {name: layer.weight.detach().cpu() for name, layer in layers}
-    state.update({f"projector.{k}": p.detach().cpu() for k, p in enumerate(extra_params)})
+    """The reference model's own weights: adapter layers by name, extra parameters by position.
+
+    Whole tensors on every process: sharded ones are all-gathered, so every process must call it.
+    """
+    state = {name: full(layer.weight.detach()).cpu() for name, layer in layers}
+    state.update({f"projector.{k}": full(p.detach()).cpu() for k, p in enumerate(extra_params)})
     return state
 
 
@@ -322,21 +419,37 @@ def saved_digest(path: Path) -> str | None:
     return adapter_digest(torch.load(path, map_location="cpu", weights_only=True)) if path.exists() else None
 
 
-def save_adapter(layers: list, extra_params: list, path: Path) -> None:
-    """Write the reference model's weights atomically."""
-    atomic_torch_save(adapter_state(layers, extra_params), path)
-
-
 def load_adapter(layers: list, extra_params: list, path: Path) -> None:
     """Load a saved reference model into the adapter (and the extra parameters)."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    if set(saved) != set(adapter_state(layers, extra_params)):
+    if set(saved) != set(adapter_names(layers, extra_params)):
         raise ValueError(f"{path} was written for a different reference adapter; delete it to warm up again")
     with torch.no_grad():
         for name, layer in layers:
             layer.weight.copy_(saved[name])
         for k, param in enumerate(extra_params):
             param.copy_(saved[f"projector.{k}"])
+
+
+def load_adapter_sharded(layers: list, extra_params: list, path: Path, comm: Collectives) -> None:
+    """`load_adapter` for sharded weights: process 0 reads the file, every process takes its shards."""
+    saved = torch.load(path, map_location="cpu", weights_only=True) if comm.rank == 0 else {}
+    names = sorted(adapter_names(layers, extra_params))
+    ok = comm.broadcast_object(set(saved) == set(names) if comm.rank == 0 else None)
+    if not ok:
+        raise ValueError(f"{path} was written for a different reference adapter; delete it to warm up again")
+    params = {name: layer.weight for name, layer in layers}
+    params.update({f"projector.{k}": p for k, p in enumerate(extra_params)})
+    for name in names:
+        param = params[name]
+        value = saved[name] if comm.rank == 0 else torch.empty(param.shape, dtype=param.dtype)
+        comm.broadcast_(value)
+        copy_full_(param, value)
+
+
+def adapter_names(layers: list, extra_params: list) -> list[str]:
+    """The names `adapter_state` gives the reference model's weights."""
+    return [name for name, _ in layers] + [f"projector.{k}" for k in range(len(extra_params))]
 
 
 def progress(trainer: Any, total: int, desc: str) -> Any:

@@ -11,7 +11,12 @@ import torch
 
 @runtime_checkable
 class TIVEModel(Protocol):
-    """The model side: a reference adapter to add and remove, and per-example losses."""
+    """The model side: a reference adapter to add and remove, and per-example losses.
+
+    Under a sharded strategy (FSDP2 via ModelParallelStrategy) the model also needs
+    `reserve_reference_adapter(settings, seed)`: the callback's `setup` calls it before
+    `configure_model` shards the model, and `add_reference_adapter` then activates that adapter.
+    """
 
     def add_reference_adapter(self, settings: Any, seed: int) -> list[tuple[str, torch.nn.Linear]]:
         """Add a fresh, seeded adapter as the only trainable part; return its (name, Linear) layers."""

@@ -12,7 +12,10 @@ batches of one would give them (up to float rounding), for any padding, with act
 checkpointing (non-reentrant) and with quantised base weights.
 
 The engine never writes ``.grad`` and calls :func:`torch.autograd.grad` on the module it is given,
-so it must be the unwrapped module (not a DDP wrapper).
+so it must be the unwrapped module (not a DDP wrapper). It differentiates with respect to the weight
+tensors each target layer actually ran with, read in the forward hook: under FSDP2 those are the
+all-gathered (unsharded) parameters, not the sharded DTensors registered between forwards, which
+are no part of the autograd graph; without FSDP they are the parameters themselves.
 """
 
 from __future__ import annotations
@@ -121,6 +124,7 @@ class _Recorder:
         self.projector = projector
         self.norm_method = norm_method
         self.calls = [0] * len(layers)
+        self.weights: list[Tensor | None] = [None] * len(layers)  # the weight each layer ran with
         self.forward_done = False
         self.sq: Tensor | None = None
         self.out: Tensor | None = None
@@ -133,6 +137,7 @@ class _Recorder:
                     raise RuntimeError(
                         f"target layer {index} ran twice in one forward pass; shared layers are not supported"
                     )
+                self.weights[index] = module.weight
             if not output.requires_grad:
                 raise RuntimeError(
                     f"the output of target layer {index} does not require grad: run outside no_grad, and use "
@@ -185,6 +190,7 @@ def per_example_grads(
     loss_fn: Callable[[Any], Tensor],
     batch: Any,
     norm_method: str = "auto",
+    sync_backward: bool = False,
 ) -> ExampleGrads:
     """Compute exact per-example gradient norms and projected features of ``layers``' weights on ``batch``.
 
@@ -195,7 +201,8 @@ def per_example_grads(
     dropout-free, reproducible gradients. Features and norms are float32 whatever the default dtype.
     ``norm_method`` picks how the kronecker projector gets the exact norm:
     ``materialise`` (per-example ``[d_out, d_in]`` gradients), ``gram`` (token Gram matrices) or
-    ``auto`` (the cheaper by flop count); the other projectors always materialise.
+    ``auto`` (the cheaper by flop count); the other projectors always materialise. ``sync_backward`` runs
+    the backward even when no loss is finite (under FSDP every process must run it: it is a collective).
     """
     linears = _as_linears(layers)
     if norm_method not in NORM_METHODS:
@@ -223,11 +230,13 @@ def per_example_grads(
                     f"loss_fn must return a per-example loss vector [B], got shape {tuple(losses.shape)}"
                 )
             finite = torch.isfinite(losses.detach())
-            if bool(finite.any()):
+            if sync_backward or bool(finite.any()):
                 # Non-finite examples are cut off at the loss so their gradients stay zero; examples never
                 # mix inside the network, so the others are unaffected.
                 total = torch.where(finite, losses, torch.zeros_like(losses)).sum()
-                torch.autograd.grad(total, weights, allow_unused=True)
+                ran = [w for w in recorder.weights if w is not None]
+                if ran:
+                    torch.autograd.grad(total, ran, allow_unused=True)
     finally:
         for handle in handles:
             handle.remove()

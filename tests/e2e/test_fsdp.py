@@ -1,0 +1,172 @@
+"""The smoke select-then-train sharded with FSDP2 (ModelParallelStrategy), 2 CPU processes (gloo), against 1 process."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+SHARDED = """
+  strategy:
+    class_path: lightning.pytorch.strategies.ModelParallelStrategy
+    init_args:
+      data_parallel_size: 2
+      tensor_parallel_size: 1
+      save_distributed_checkpoint: false
+  limit_val_batches: 2
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args:
+        save_last: true
+        save_top_k: 0
+"""
+UNSHARDED = """
+  strategy: auto
+  enable_checkpointing: false
+  callbacks: []
+  limit_val_batches: 0
+"""
+
+
+def overlay(tmp: Path, devices: int) -> Path:
+    text = f"""
+trainer:
+  devices: {devices}
+  logger: false
+  default_root_dir: {tmp}{SHARDED if devices > 1 else UNSHARDED}
+data:
+  output_dir: {tmp}
+tive:
+  output_dir: {tmp}/tive
+  chunk_size: 32
+  warmup_batch_size: 8
+  reference_lora:
+    r: 8
+    alpha: 16
+    dropout: 0.0
+    target_modules: [q_proj, k_proj, v_proj, o_proj]
+"""
+    path = tmp / "overlay.yaml"
+    tmp.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def run(tmp: Path, devices: int, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable, "-m", "lightning_tive", "fit",
+        "--config", str(ROOT / "configs" / "demo.yaml"),
+        "--config", str(ROOT / "configs" / "smoke.yaml"),
+        "--config", str(overlay(tmp, devices)), *extra,
+    ]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done
+
+
+def values(tmp: Path) -> dict[int, dict]:
+    return {int(r["index"]): r for r in csv.DictReader(open(tmp / "tive" / "values.csv"))}
+
+
+def ranks(tmp: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((tmp / "tive" / "ranks").glob("rank-*.json"))]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    one = tmp_path_factory.mktemp("one")
+    two = tmp_path_factory.mktemp("fsdp")
+    run(one, 1)
+    done = run(two, 2)
+    return one, two, done
+
+
+def test_sharded_selection_matches_one_process(runs):
+    one, two, _ = runs
+    tasks_one = {r["task"]: int(r["budget"]) for r in csv.DictReader(open(one / "tive" / "tasks.csv"))}
+    tasks_two = {r["task"]: int(r["budget"]) for r in csv.DictReader(open(two / "tive" / "tasks.csv"))}
+    assert tasks_one == tasks_two
+    v1, v2 = values(one), values(two)
+    assert v1.keys() == v2.keys()
+    u1 = np.array([float(v1[i]["instance_value"]) for i in sorted(v1)])
+    u2 = np.array([float(v2[i]["instance_value"]) for i in sorted(v2)])
+    np.testing.assert_allclose(u1, u2, atol=1e-4)
+    s1 = Counter(r["id"] for r in json.loads((one / "tive" / "subset.json").read_text()))
+    s2 = Counter(r["id"] for r in json.loads((two / "tive" / "subset.json").read_text()))
+    overlap = sum((s1 & s2).values()) / sum(s1.values())
+    assert overlap >= 0.99, overlap
+
+
+def test_both_processes_valued_their_shards_with_one_adapter_and_trained(runs):
+    _, two, _ = runs
+    records = ranks(two)
+    assert [r["rank"] for r in records] == [0, 1]
+    assert len({r["reference_adapter_sha256"] for r in records}) == 1 and records[0]["reference_adapter_sha256"]
+    assert len({r["selection_sha256"] for r in records}) == 1
+    assert sum(r["valued_this_run"] for r in records) == json.loads((two / "tive" / "summary.json").read_text())["pool_size"]
+    assert json.loads((two / "finished.json").read_text())["global_step"] >= 2
+
+
+def test_checkpoint_keeps_trainable_weights_and_exports(runs, tmp_path):
+    _, two, _ = runs
+    ckpt = two / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state = checkpoint["state_dict"]
+    assert sorted(state) == checkpoint["lightning_tive_trainable"]
+    assert not any("tive_reference" in k or "base_layer" in k for k in state)
+    assert all(not hasattr(v, "device_mesh") for v in state.values())  # whole tensors, not shards
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "lightning_tive", "export", "--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "hf")]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from transformers import LlavaForConditionalGeneration
+
+    exported = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").state_dict()
+    for key, value in state.items():
+        assert torch.equal(exported[key.removeprefix("model.")], value), key
+
+
+def test_fit_resumes_from_a_sharded_checkpoint(runs, tmp_path):
+    _, two, _ = runs
+    copy = tmp_path / "resumed"
+    shutil.copytree(two, copy)
+    before = json.loads((copy / "finished.json").read_text())["global_step"]
+    done = run(copy, 2, "--trainer.max_epochs", "2", "--ckpt_path", str(copy / "checkpoints" / "last.ckpt"))
+    log = done.stdout + done.stderr
+    assert "re-applying the restored selection" in log and "TIVE warm-up" not in log
+    assert json.loads((copy / "finished.json").read_text())["global_step"] == 2 * before
+
+
+def test_resumed_sharded_valuation_continues_from_its_shards(runs):
+    _, two, _ = runs
+    before = json.loads((two / "tive" / "summary.json").read_text())
+    adapter = ranks(two)[0]["reference_adapter_sha256"]
+    folder = two / "tive" / "features"
+    spec = json.loads((folder / "shards.json").read_text())
+    # forget the last finished chunk of every shard, as if both processes were killed mid-valuation
+    (two / "finished.json").unlink()
+    removed = 0
+    for name in spec["shards"]:
+        markers = sorted((folder / name / "done").iterdir())
+        markers[-1].unlink()
+        removed += len(np.load(folder / name / "indices.npy")) - 32 * (len(markers) - 1)
+    done = run(two, 2)
+    assert "resuming valuation with the reference adapter" in done.stdout + done.stderr
+    records = ranks(two)
+    assert sum(r["valued_this_run"] for r in records) == removed
+    assert {r["reference_adapter_sha256"] for r in records} == {adapter}
+    after = json.loads((two / "tive" / "summary.json").read_text())
+    assert after["tasks"] == before["tasks"]
