@@ -17,10 +17,13 @@ import torch.distributed as dist
 class Collectives:
     """Sums, maxima, gathers and broadcasts across the processes of a run (no-ops on one)."""
 
-    def __init__(self, world_size: int, rank: int, device: torch.device | str, strategy: Any = None) -> None:
+    def __init__(
+        self, world_size: int, rank: int, device: torch.device | str, strategy: Any = None, group: Any = None
+    ) -> None:
         self.world_size, self.rank = int(world_size), int(rank)
         self.device = torch.device(device)
         self.strategy = strategy  # for barrier() and broadcast_object(), when given
+        self.group = group  # a sub-group (e.g. the data-parallel processes); None: every process
 
     @classmethod
     def of(cls, trainer: Any) -> Collectives:
@@ -46,7 +49,7 @@ class Collectives:
         if not self.distributed:
             return tensor
         moved = self._to_group(tensor)
-        dist.all_reduce(moved, op=op)
+        dist.all_reduce(moved, op=op, group=self.group)
         self._back(moved, tensor)
         return tensor
 
@@ -71,7 +74,7 @@ class Collectives:
         if not self.distributed:
             return tensor
         moved = self._to_group(tensor.data)
-        dist.broadcast(moved, src=src)
+        dist.broadcast(moved, src=src, group=self.group)
         self._back(moved, tensor.data)
         return tensor
 

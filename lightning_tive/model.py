@@ -624,9 +624,10 @@ class LlavaModule(L.LightningModule):
         """The largest `value` over the data-parallel processes (sharded only)."""
         import torch.distributed as dist
 
-        tensor = torch.tensor([value], device=device, dtype=torch.int64)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self._shard_group)
-        return int(tensor.item())
+        from lightning_tive.distributed import Collectives
+
+        comm = Collectives(dist.get_world_size(self._shard_group), 0, device, group=self._shard_group)
+        return int(comm.max_(torch.tensor([value], dtype=torch.int64)).item())
 
     def _spare(self, batch: dict, stage: str) -> dict:
         """An earlier batch to run for the collectives' sake when this process has none (its result is unused)."""

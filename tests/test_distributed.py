@@ -29,10 +29,10 @@ class FakeGroup:
             raise RuntimeError(f"{name}: tensor on {tensor.device}, the group works on {self.device}")
         self.calls.append(name)
 
-    def all_reduce(self, tensor, op=None):
+    def all_reduce(self, tensor, op=None, group=None):
         self._check("all_reduce", tensor)
 
-    def broadcast(self, tensor, src=0):
+    def broadcast(self, tensor, src=0, group=None):
         self._check("broadcast", tensor)
 
     def all_gather_object(self, out, obj):
