@@ -6,7 +6,7 @@ stage-1 checkpoint; then the equal-compute arms. Writes docs/results.md (the pro
 `## Results` heading and the reading below its marker are kept), docs/results.png and
 docs/results.json; the last line printed is a JSON summary.
 
-    python scripts/experiment.py                      # the protocol: 5 seeds (~60-90 min on 2 cores)
+    python scripts/experiment.py                      # the protocol: 5 seeds (86 min on 2 shared cores)
     python scripts/experiment.py --quick              # a tiny pool, 1 seed, 1 epoch: minutes; writes to --work
     python scripts/experiment.py --demo-sizes '{"color": 600, "text": 200}' --seeds 0 1 2
 """
