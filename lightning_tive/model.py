@@ -1002,6 +1002,14 @@ BUILD_SOURCE_KEYS = (
 )
 
 
+def _with_defaults(key: str, value: Any) -> Any:
+    """A build setting with its dataclass defaults filled in, so a field added later compares equal."""
+    kinds = {"tiny": TinyLlavaConfig, "vision_config": VisionTowerConfig}
+    if key in kinds and isinstance(value, dict):
+        return asdict(kinds[key](**value))
+    return value
+
+
 def load_init_weights(model: torch.nn.Module, ckpt_path: str | os.PathLike, source: dict, _seen: tuple = ()) -> None:
     """Load a `fit` checkpoint's weights into a freshly built LLaVA (its own `init_from` chain first).
 
@@ -1016,7 +1024,7 @@ def load_init_weights(model: torch.nn.Module, ckpt_path: str | os.PathLike, sour
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     hparams = checkpoint.get("hyper_parameters", {})
     for key in BUILD_SOURCE_KEYS:
-        if hparams.get(key) != source.get(key):
+        if _with_defaults(key, hparams.get(key)) != _with_defaults(key, source.get(key)):
             raise ValueError(
                 f"model.init_from={path} was trained from another build source: {key}={hparams.get(key)!r} there, "
                 f"{source.get(key)!r} here. Build this model from the same source as that run."

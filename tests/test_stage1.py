@@ -123,3 +123,14 @@ def test_caption_pool_shares_no_image_with_the_stage2_mixture():
     fixed = set(digests(ensure_demo(again)).values())
     assert plain == set(digests(ensure_demo(same)).values()) and len(fixed) == 30
     assert not plain & fixed
+
+
+def test_init_from_a_checkpoint_written_before_a_config_field_existed(stage1, tmp_path):
+    """A tiny config saved without a later field (here vocab_size, default None) is the same build source."""
+    ckpt, weights = stage1
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"]["tiny"].pop("vocab_size", None)
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    module = LlavaModule(tiny=TinyLlavaConfig(), tokenizer="demo", finetune="full", init_from=str(old))
+    assert all(torch.equal(module.llava.state_dict()[k], v) for k, v in weights.items())

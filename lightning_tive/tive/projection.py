@@ -516,8 +516,9 @@ def _estimate_rademacher(proj: RademacherProjector, device: torch.device, batch:
     scale = 1.0 / math.sqrt(proj.proj_dim)
     # Warm-up on a tiny block: kernel loading and allocator start-up are not part of the steady state.
     _rademacher_block(keys, 0, min(rows, 32), proj.proj_dim, device)
-    grads = torch.full((batch, rows), 0.01, device=device)
-    out = torch.zeros(batch, proj.proj_dim, device=device)
+    # float32 whatever the default dtype (a bf16-true run sets bf16): the engine projects in float32.
+    grads = torch.full((batch, rows), 0.01, device=device, dtype=torch.float32)
+    out = torch.zeros(batch, proj.proj_dim, device=device, dtype=torch.float32)
     held: list[Tensor] = []
 
     def draw() -> None:
@@ -559,13 +560,14 @@ def _estimate_by_layer(proj: Projector, device: torch.device, batch: int, tokens
             target, layer = IdentityProjector(None, proj.seed, [(d_out, d_in)]), 0
         else:
             target = proj
-        out = torch.zeros(batch, target.proj_dim, device=device)
+        f32 = {"device": device, "dtype": torch.float32}
+        out = torch.zeros(batch, target.proj_dim, **f32)
         if target.needs_full_grad:
-            kwargs = {"grad": torch.full((batch, d_out, d_in), 0.01, device=device)}
+            kwargs = {"grad": torch.full((batch, d_out, d_in), 0.01, **f32)}
         else:
             kwargs = {
-                "inputs": torch.full((batch, tokens, d_in), 0.01, device=device),
-                "grad_outputs": torch.full((batch, tokens, d_out), 0.01, device=device),
+                "inputs": torch.full((batch, tokens, d_in), 0.01, **f32),
+                "grad_outputs": torch.full((batch, tokens, d_out), 0.01, **f32),
             }
         target.project_layer(out, layer, **kwargs)  # warm-up: draws and caches kronecker factors
         seconds = _best_time(functools.partial(target.project_layer, out, layer, **kwargs), device, repeats)

@@ -488,3 +488,16 @@ def test_check_projection_cost_refuses_above_the_limit_and_names_the_setting():
         check_projection_cost({**est, "kind": "kronecker"}, 0.5)
     with pytest.raises(ProjectionTooSlow):  # a NaN estimate is never taken as fast enough
         check_projection_cost({**est, "seconds_per_example": math.nan}, 0.5)
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "kronecker"])
+def test_cost_estimate_works_under_a_bf16_default_dtype(kind):
+    from lightning_tive.tive.projection import estimate_projection_cost
+
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # what a bf16-true run sets
+    try:
+        estimate = estimate_projection_cost(build_projector(kind, 64, 0, LORA_SHAPES), "cpu", batch_size=2, tokens=8)
+    finally:
+        torch.set_default_dtype(before)
+    assert estimate["seconds_per_example"] > 0
