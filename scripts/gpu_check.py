@@ -414,7 +414,7 @@ def sharded_strategy(devices: int) -> Any:
     """The sharded strategy of part (c): Lightning's ModelParallelStrategy, sharding over data-parallel ranks."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    return ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+    return ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1, save_distributed_checkpoint=False)
 
 
 def sharded_support() -> dict:
