@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+from parity import assert_same_selection
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -62,9 +61,6 @@ def run(tmp: Path, devices: int, extra: str = "", **options) -> subprocess.Compl
     return done
 
 
-def values(tmp: Path) -> dict[int, dict]:
-    return {int(r["index"]): r for r in csv.DictReader(open(tmp / "tive" / "values.csv"))}
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
@@ -100,18 +96,7 @@ def test_ranks_agree_on_adapter_and_selection(runs):
 
 def test_two_processes_match_one_process(runs):
     one, two = runs
-    tasks_one = {r["task"]: int(r["budget"]) for r in csv.DictReader(open(one / "tive" / "tasks.csv"))}
-    tasks_two = {r["task"]: int(r["budget"]) for r in csv.DictReader(open(two / "tive" / "tasks.csv"))}
-    assert tasks_one == tasks_two
-    v1, v2 = values(one), values(two)
-    assert v1.keys() == v2.keys()
-    u1 = np.array([float(v1[i]["instance_value"]) for i in sorted(v1)])
-    u2 = np.array([float(v2[i]["instance_value"]) for i in sorted(v2)])
-    np.testing.assert_allclose(u1, u2, atol=1e-4)
-    s1 = Counter(r["id"] for r in json.loads((one / "tive" / "subset.json").read_text()))
-    s2 = Counter(r["id"] for r in json.loads((two / "tive" / "subset.json").read_text()))
-    overlap = sum((s1 & s2).values()) / sum(s1.values())
-    assert overlap >= 0.99, overlap
+    assert_same_selection(one, two)
 
 
 def test_resumed_two_process_run_continues_from_its_shards(runs):

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from parity import assert_same_selection
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -77,9 +76,6 @@ def run(tmp: Path, devices: int, *extra: str) -> subprocess.CompletedProcess:
     return done
 
 
-def values(tmp: Path) -> dict[int, dict]:
-    return {int(r["index"]): r for r in csv.DictReader(open(tmp / "tive" / "values.csv"))}
-
 
 def ranks(tmp: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((tmp / "tive" / "ranks").glob("rank-*.json"))]
@@ -96,18 +92,7 @@ def runs(tmp_path_factory):
 
 def test_sharded_selection_matches_one_process(runs):
     one, two, _ = runs
-    tasks_one = {r["task"]: int(r["budget"]) for r in csv.DictReader(open(one / "tive" / "tasks.csv"))}
-    tasks_two = {r["task"]: int(r["budget"]) for r in csv.DictReader(open(two / "tive" / "tasks.csv"))}
-    assert tasks_one == tasks_two
-    v1, v2 = values(one), values(two)
-    assert v1.keys() == v2.keys()
-    u1 = np.array([float(v1[i]["instance_value"]) for i in sorted(v1)])
-    u2 = np.array([float(v2[i]["instance_value"]) for i in sorted(v2)])
-    np.testing.assert_allclose(u1, u2, atol=1e-4)
-    s1 = Counter(r["id"] for r in json.loads((one / "tive" / "subset.json").read_text()))
-    s2 = Counter(r["id"] for r in json.loads((two / "tive" / "subset.json").read_text()))
-    overlap = sum((s1 & s2).values()) / sum(s1.values())
-    assert overlap >= 0.99, overlap
+    assert_same_selection(one, two)
 
 
 def test_both_processes_valued_their_shards_with_one_adapter_and_trained(runs):
