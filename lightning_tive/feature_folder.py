@@ -146,8 +146,3 @@ def _check_pool(folder: Path, extras: list[dict], datamodule: Any, stored_size: 
             f"{current} now): the same number of examples but other records, order or tasks. Recompute the features "
             "for this pool (drop tive.features_from), or point it at the run that used this data."
         )
-
-
-def read_column(source: Any, name: str) -> np.ndarray:
-    """A per-example store column (`loss`, `tokens`), in the source's row order."""
-    return source.read_column(name)

@@ -9,8 +9,8 @@ import numpy as np
 from lightning_tive.tive.selection import SelectionResult, select_from_values, select_top_scores
 from lightning_tive.tive_config import TIVEConfig
 
-# The per-example column each single-score baseline ranks by (highest first).
-TOP_SCORE = {"gradnorm": "norms", "perplexity": "loss", "length": "response_words"}
+# Single-score baselines: the B highest scores over the pool (the column, or the response length).
+TOP_SCORE = {"gradnorm": "norms", "perplexity": "loss", "length": None}
 NEEDS_COLUMN = {"perplexity": "loss", "length_normalised": "tokens"}
 
 
@@ -30,7 +30,8 @@ def select_subset(config: TIVEConfig, datamodule: Any, values: dict[str, np.ndar
                 "recompute the features"
             )
     if strategy in TOP_SCORE:
-        scores = response_words(datamodule) if strategy == "length" else values[TOP_SCORE[strategy]]
+        column = TOP_SCORE[strategy]
+        scores = response_words(datamodule) if column is None else values[column]
         return select_top_scores(scores, norms, u, finite, task_ids, names, **common)
     if strategy == "random":
         # Budgets by task size and a uniform draw: no values needed, so none are reported.
