@@ -31,6 +31,8 @@ from lightning_tive.sharding import copy_full_, full, is_sharded, local
 from lightning_tive.tive.grads import layer_shapes, per_example_grads
 from lightning_tive.tive.modes import deterministic_train_mode
 from lightning_tive.tive.projection import (
+    MAX_COST_SETTING,
+    ProjectionTooSlow,
     Projector,
     build_projector,
     check_projection_cost,
@@ -118,7 +120,16 @@ class ReferencePhases:
             tokens=int(getattr(self.datamodule, "max_length", 1024)),
         )
         rank_zero_info(f"[tive] valuation: {format_projection_cost(estimate)}")
-        check_projection_cost(estimate, self.config.max_projection_s_per_example)
+        try:
+            check_projection_cost(estimate, self.config.max_projection_s_per_example)
+            refused = None
+        except ProjectionTooSlow as err:
+            refused = err
+        # Every process refuses together (one going on alone would wait for the others forever).
+        if self.comm.any(refused is not None):
+            raise refused or ProjectionTooSlow(
+                f"another process estimated the projection above {MAX_COST_SETTING}={self.config.max_projection_s_per_example:g}"
+            )
         return estimate
 
     def valuation_batch_size(self) -> int:
