@@ -5,8 +5,12 @@
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
-# CPU build for laptops and CI; on a GPU machine install the CUDA build of torch first instead.
+# torch is installed first, pinned, so no range pulls another build in later. Which build you get
+# depends on the index: PyPI's Linux wheel of 2.13.0 is the CUDA build (several GB), macOS/Windows
+# get a CPU build; for a CPU-only wheel on Linux use the PyTorch index:
+#   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 
 STAGE1_CKPT := runs/demo_stage1/checkpoints/stage1.ckpt
 
@@ -15,7 +19,7 @@ STAGE1_CKPT := runs/demo_stage1/checkpoints/stage1.ckpt
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 

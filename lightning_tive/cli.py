@@ -37,10 +37,19 @@ class TiveCLI(LightningCLI):
             "--overwrite", type=bool, default=False,
             help="fit into a run folder that already holds a finished run, replacing it",
         )
+        parser.add_argument(
+            "--torch_threads", type=int | None, default=None,
+            help="torch's intra-op CPU threads (null: torch's default, one per core); on a CPU shared with "
+            "other processes, 1 avoids oversubscription, which can slow a run down 10x or more",
+        )
 
     def before_instantiate_classes(self) -> None:
-        """Point every unset output path of the run at `trainer.default_root_dir`."""
+        """Apply `torch_threads`; point every unset output path of the run at `trainer.default_root_dir`."""
         cfg = self.config[self.subcommand] if self.subcommand else self.config
+        if cfg.torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(cfg.torch_threads)
         root = Path(cfg.trainer.default_root_dir or Path.cwd())
         loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
         for logger in loggers:

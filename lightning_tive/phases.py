@@ -130,6 +130,7 @@ class ReferencePhases:
             "warmup_global_batch": self.warmup_batch_size(),
             "precision": str(self.trainer.precision),
             "projection": projector.describe(),
+            "rows": "unit",
         }
 
     # ---------------------------------------------------------------- warm-up
@@ -214,7 +215,7 @@ class ReferencePhases:
             position = {int(p): k for k, p in enumerate(pool_indices)}
             features = np.zeros((stop - start, store.proj_dim), dtype=np.float32)
             norms = np.full(stop - start, np.nan, dtype=np.float32)  # stays NaN for a record skipped as bad
-            losses, tokens = np.full_like(norms, np.nan), np.full_like(norms, np.nan)
+            losses, tokens, lengths = (np.full_like(norms, np.nan) for _ in range(3))
             for batch in self.datamodule.pool_dataloader(pool_indices, batch_size=batch_size):
                 count = len(batch["pool_index"]) + len(batch.get("skipped_pool_index", []))
                 if "input_ids" in batch:
@@ -224,12 +225,17 @@ class ReferencePhases:
                     # every dropout is off, so features are deterministic.
                     with trainer.precision_plugin.forward_context(), deterministic_train_mode(module):
                         grads = per_example_grads(layers, projector, module.per_example_loss, batch)
-                    features[rows] = grads.features.float().cpu().numpy()
+                    # Unit rows: float16 keeps ~3 digits of any direction, where a raw row of a small
+                    # gradient (entries below float16's normal range) would lose most of them.
+                    projected = grads.features.float()
+                    length = projected.norm(dim=1)
+                    features[rows] = (projected / length.clamp_min(1e-30)[:, None]).cpu().numpy()
+                    lengths[rows] = length.cpu().numpy()
                     norms[rows] = grads.norms.float().cpu().numpy()
                     losses[rows] = grads.losses.float().cpu().numpy()
                     tokens[rows] = module.supervised_tokens(batch).float().cpu().numpy()
                 bar.update(count)
-            store.write_chunk(chunk, np.arange(start, stop), features, norms, columns={"loss": losses, "tokens": tokens})
+            store.write_chunk(chunk, np.arange(start, stop), features, norms, columns={"loss": losses, "tokens": tokens, "feature_norm": lengths})
             valued += stop - start
         bar.close()
         self.comm.barrier("tive-valuation")

@@ -84,7 +84,8 @@ class TIVEConfig:
         stop_after_selection: write the files and stop; train nothing.
         features_from: a features folder of an earlier run: skip warm-up and valuation, select from it.
         valuation_batch_size: per-example gradient batch size (default: the DataModule's).
-        feature_dtype: storage of the features (unit vectors): `float16` (default) or `float32`.
+        feature_dtype: storage of the features, unit vectors (lengths kept apart): `float16` (default,
+            ~3 significant digits of every direction whatever the gradient's size) or `float32`.
         chunk_size: pool examples per feature-store chunk (the unit of resume).
     """
 

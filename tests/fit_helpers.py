@@ -37,7 +37,8 @@ class Probe(L.Callback):
         self.seen += batch["pool_index"].tolist()
 
 
-def run_fit(tmp_path, finetune="lora", max_epochs=1, ckpt_path=None, logger=False, demo=DEMO, **tive_kwargs):
+def run_fit(tmp_path, finetune="lora", max_epochs=1, ckpt_path=None, logger=False, demo=DEMO, precision="32-true",
+            datamodule=None, **tive_kwargs):
     settings = dict(
         ratio=0.25, warmup_ratio=0.3, warmup_epochs=1, warmup_lr=1e-3, projector="kronecker", proj_dim=64,
         reference_lora=ReferenceLora(r=4, alpha=8, dropout=0.0), output_dir=str(tmp_path / "tive"), seed=3,
@@ -47,9 +48,9 @@ def run_fit(tmp_path, finetune="lora", max_epochs=1, ckpt_path=None, logger=Fals
     tive = TIVESelectionCallback(**settings)
     probe = Probe()
     module = LlavaModule(tiny=TinyLlavaConfig(), finetune=finetune)
-    dm = LlavaDataModule(demo=demo, batch_size=BATCH, max_length=256, output_dir=str(tmp_path))
+    dm = datamodule or LlavaDataModule(demo=demo, batch_size=BATCH, max_length=256, output_dir=str(tmp_path))
     trainer = L.Trainer(
-        accelerator="cpu", max_epochs=max_epochs, logger=logger, enable_progress_bar=False,
+        accelerator="cpu", max_epochs=max_epochs, logger=logger, enable_progress_bar=False, precision=precision,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path,
         callbacks=[tive, probe, L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
     )

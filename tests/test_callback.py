@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from fit_helpers import BATCH, DEMO, POOL, SimulatedKill, run_fit
+from torch.utils.data import DataLoader
 
 from lightning_tive.callback import TIVESelectionCallback
 from lightning_tive.data.datamodule import LlavaDataModule
@@ -230,7 +231,10 @@ def test_identity_projector_stores_the_whole_adapter_gradient(tmp_path):
     # the adapter covers every linear layer, the features its attention part (gradient_modules' default):
     # r=4 LoRA on q/k/v/o of 2 layers of width 128: 8 modules x (4x128 + 128x4)
     assert features.shape == (POOL, 8 * 2 * 4 * 128)
-    np.testing.assert_allclose(np.linalg.norm(features.astype(np.float64), axis=1), norms, rtol=2e-3)
+    # rows are unit vectors; their lengths, kept apart, are the exact gradient norms (identity projection)
+    np.testing.assert_allclose(np.linalg.norm(features.astype(np.float64), axis=1), 1.0, rtol=2e-3)
+    lengths = np.load(tmp_path / "tive" / "features" / "feature_norms.npy")
+    np.testing.assert_allclose(lengths, norms, rtol=1e-4)
 
 
 def test_gradient_modules_choose_the_feature_layers(tmp_path):
@@ -325,3 +329,82 @@ def test_too_slow_a_projection_is_refused_before_the_warm_up(tmp_path, monkeypat
     monkeypatch.setattr(ReferencePhases, "warm_up", lambda *a, **k: pytest.fail("warm-up ran"))
     with pytest.raises(ProjectionTooSlow, match=r"s per example, above the limit tive\.max_projection_s_per_example=1e-09"):
         run_fit(tmp_path, projector="rademacher", max_projection_s_per_example=1e-9)
+
+
+@pytest.mark.parametrize(
+    "change, names",
+    [
+        ({"warmup_batch_size": 4}, ["extra.settings.warmup_batch_size", "extra.warmup_global_batch"]),
+        ({"precision": "bf16-mixed"}, ["extra.precision: folder has '32-true', requested 'bf16-mixed'"]),
+    ],
+)
+def test_a_store_from_another_warm_up_batch_or_precision_is_refused_naming_it(lora_run, tmp_path, change, names):
+    import shutil
+
+    shutil.copytree(lora_run[0] / "tive" / "features", tmp_path / "tive" / "features")
+    with pytest.raises(ValueError, match="does not match the requested settings") as refused:
+        run_fit(tmp_path, stop_after_selection=True, **change)
+    assert all(name in str(refused.value) for name in names), str(refused.value)
+    # the same settings reuse it: nothing to value again
+    _, same, _, _ = run_fit(tmp_path / "same", stop_after_selection=True)
+
+
+class ThirdPartyData(L.LightningDataModule):
+    """A DataModule written to the documented TIVEData protocol only: text records, its own batches."""
+
+    def __init__(self, tokenizer, size: int = 24):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.records = [
+            {"id": f"q{i}", "task": ["sums", "words"][i % 2],
+             "conversations": [{"from": "human", "value": f"What is {i} plus {i}?"}, {"from": "gpt", "value": str(2 * i)}]}
+            for i in range(size)
+        ]
+        self.task_names = ["sums", "words"]
+        self.pool_size = size
+        self.pool_task_ids = np.array([i % 2 for i in range(size)])
+        self.train_indices = np.arange(size)
+
+    def _batch(self, indices):
+        rows = []
+        for i in indices:
+            record = self.records[int(i)]
+            prompt = self.tokenizer(f"Q: {record['conversations'][0]['value']} A:").input_ids
+            answer = self.tokenizer(f" {record['conversations'][1]['value']}", add_special_tokens=False).input_ids
+            rows.append((prompt + answer + [self.tokenizer.eos_token_id], len(prompt)))
+        width = max(len(ids) for ids, _ in rows)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])
+        labels = torch.tensor([[-100] * cut + ids[cut:] + [-100] * (width - len(ids)) for ids, cut in rows])
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "pixel_values": None,
+                "pool_index": torch.tensor([int(i) for i in indices])}
+
+    def pool_dataloader(self, indices=None, batch_size=None, batches=None):
+        if batches is None:
+            order = np.arange(self.pool_size) if indices is None else np.asarray(indices)
+            size = batch_size or 4
+            batches = [order[k : k + size] for k in range(0, len(order), size)]
+        empty = {"pool_index": torch.tensor([], dtype=torch.long)}  # a process's share of a tiny batch
+        return DataLoader([self._batch(b) if len(b) else empty for b in batches], batch_size=None)
+
+    def pool_record(self, index):
+        return self.records[index]
+
+    def set_train_indices(self, indices):
+        self.train_indices = np.asarray(indices)
+
+    def train_dataloader(self):
+        return DataLoader([self._batch(self.train_indices[k : k + 4]) for k in range(0, len(self.train_indices), 4)],
+                          batch_size=None)
+
+
+def test_a_third_party_datamodule_written_to_the_protocol_works(tmp_path, tokenizer):
+    from lightning_tive.protocols import TIVEData
+
+    dm = ThirdPartyData(tokenizer)
+    assert isinstance(dm, TIVEData)
+    trainer, tive, probe, _ = run_fit(tmp_path, datamodule=dm, ratio=0.5, warmup_ratio=0.5)
+    assert len(tive.selected) == 12 and sorted(set(probe.seen)) == sorted(set(tive.selected.tolist()))
+    subset = json.loads((tmp_path / "tive" / "subset.json").read_text())
+    assert [r["id"] for r in subset] == [f"q{i}" for i in tive.selected]

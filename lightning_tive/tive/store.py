@@ -3,10 +3,13 @@
 Folder layout::
 
     meta.json        format, pool_size, proj_dim, dtype, chunk_size, num_chunks, extra settings
-    features.npy     [pool_size, proj_dim] float16 (or float32); row i = store row i
+    features.npy     [pool_size, proj_dim] float16 (or float32); row i = store row i (a lightning_tive run
+                     writes unit vectors, the projected gradient's direction; `feature_norms.npy` holds
+                     each row's length, so the projected gradient is their product)
     grad_norms.npy   [pool_size] float32; NaN marks an example whose gradient was not finite
     losses.npy       [pool_size] float32 per-example loss under the reference model (NaN: not recorded)
     tokens.npy       [pool_size] float32 supervised tokens per example (NaN: not recorded)
+    feature_norms.npy [pool_size] float32 length of each projected gradient (NaN: not recorded)
     done/NNNNNNNN    one empty marker per finished chunk
 
 Chunk ``c`` holds pool indices ``[c*chunk_size, min((c+1)*chunk_size, pool_size))``. A chunk's rows
@@ -35,9 +38,9 @@ from lightning_tive.files import atomic_write
 __all__ = ["FeatureStore", "ShardedFeatures", "shard_indices", "write_shard_index"]
 
 FORMAT = "lightning_tive.features"
-VERSION = 2
+VERSION = 3
 # Per-example scalars stored beside the norms (name -> file), for baselines and diagnostics.
-COLUMNS = {"loss": "losses.npy", "tokens": "tokens.npy"}
+COLUMNS = {"loss": "losses.npy", "tokens": "tokens.npy", "feature_norm": "feature_norms.npy"}
 DTYPES = ("float16", "float32")
 FP16_MAX = float(np.finfo(np.float16).max)
 # Below this magnitude float16 is subnormal and keeps fewer than 10 significant bits.
