@@ -167,7 +167,23 @@ def fetch_main(argv: list[str]) -> Path:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from err
     print(path)
+    # stderr, so stdout stays the path alone (scripts read it).
+    print(config_hint(path.parent), file=sys.stderr)
     return path
+
+
+#: Where configs/smollm2*.yaml expect the GGUF's folder: the default cache (YAML expands no variables).
+CONFIG_LANGUAGE_MODEL = f"~/.cache/lightning_tive/smollm2-{SMOLLM2_VERSION}"
+
+
+def config_hint(folder: Path) -> str:
+    """What to add to configs/smollm2_stage1.yaml and configs/smollm2.yaml runs for this folder."""
+    if Path(CONFIG_LANGUAGE_MODEL).expanduser().resolve() == folder.resolve():
+        return f"configs/smollm2_stage1.yaml and configs/smollm2.yaml find it there ({CONFIG_LANGUAGE_MODEL})"
+    return (
+        "configs/smollm2_stage1.yaml and configs/smollm2.yaml expect it in "
+        f"{CONFIG_LANGUAGE_MODEL}; add this to both stages: --model.language_model {folder}"
+    )
 
 
 # --------------------------------------------------------------------------- GGUF → float cache

