@@ -301,6 +301,9 @@ class LlavaModule(L.LightningModule):
         self.processor = self._build_processor()
         self.model = self._build_model()
         self._apply_finetune_mode(freeze_vision_tower, freeze_language_model, train_projector, gradient_checkpointing)
+        # `from_pretrained` returns a model in eval mode and Lightning (>= 2.3) keeps submodules' modes,
+        # so without this LoRA dropout (and checkpointing, which transformers skips in eval) would be off.
+        self.train()
         self.val_metrics: torch.nn.ModuleDict | None = None
         # The TIVE reference adapter: None, or its settings key, the trainable flags from before it and
         # whether it is active (added early and inactive when FSDP must shard it with the model).

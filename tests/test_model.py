@@ -465,3 +465,15 @@ def test_a_text_only_batch_gives_every_trainable_weight_a_gradient(demo_dm):
     # and the loss is the batch's token-mean NLL, unchanged by the zero term
     total, count = module.batch_nll(batch)
     torch.testing.assert_close(loss, total.sum() / count.sum())
+
+
+@pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
+def test_every_submodule_trains_in_training_mode(mode, tmp_path):
+    """Loaded with from_pretrained (QLoRA, pretrained folders), a model comes up in eval mode: LoRA dropout off."""
+    module = LlavaModule(tiny=TinyLlavaConfig(), finetune=mode)
+    assert [n for n, m in module.named_modules() if not m.training] == []
+    if mode == "full":  # and a pretrained folder, fine-tuned with LoRA
+        module.llava.save_pretrained(tmp_path)
+        module.processor.save_pretrained(tmp_path)
+        loaded = LlavaModule(pretrained=str(tmp_path), finetune="lora")
+        assert [n for n, m in loaded.named_modules() if not m.training] == []
