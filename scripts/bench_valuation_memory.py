@@ -121,23 +121,11 @@ def _build(args: argparse.Namespace, arm: str) -> dict[str, Any]:
 def _batch(module: Any, batch: int, tokens: int) -> dict:
     import torch
 
-    gen = torch.Generator().manual_seed(0)
-    image_id = module.llava.config.image_token_index
-    ids = torch.randint(3, 1000, (batch, tokens), generator=gen)
-    ids[ids == image_id] = 3
-    mask = torch.zeros(batch, tokens, dtype=torch.long)
-    labels = torch.full((batch, tokens), -100)
-    for i in range(batch):
-        length = tokens - 24 * i  # a little shorter each, right-padded
-        text = length - 1 - IMAGE_TOKENS
-        answer_start = 1 + IMAGE_TOKENS + text // 3  # question first, then the supervised answer
-        ids[i, 0] = 1
-        ids[i, 1 : 1 + IMAGE_TOKENS] = image_id
-        ids[i, length:] = 0
-        mask[i, :length] = 1
-        labels[i, answer_start:length] = ids[i, answer_start:length]
-    pixels = torch.randn(batch, 3, 336, 336, generator=gen).to(torch.bfloat16)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}
+    from gpu_check import make_batch  # scripts/ is on sys.path when a script runs
+
+    out = make_batch(module, batch, tokens, IMAGE_TOKENS, 336)
+    out["pixel_values"] = out["pixel_values"].to(torch.bfloat16)
+    return out
 
 
 def _old_per_example_loss(module: Any, batch: dict) -> Any:
