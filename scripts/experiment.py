@@ -17,7 +17,7 @@ Presets:
     python scripts/experiment.py                      # the demo protocol: 5 seeds (86 min on 2 shared cores)
     python scripts/experiment.py --quick              # a tiny pool, 1 seed, 1 epoch: minutes; writes to --work
     python scripts/experiment.py --demo-sizes '{"color": 600, "text": 200}' --seeds 0 1 2
-    python scripts/experiment.py --preset smollm2     # the SmolLM2 protocol (~35 min on 2 quiet cores)
+    python scripts/experiment.py --preset smollm2     # the SmolLM2 protocol (34 min on 2 quiet cores)
 """
 
 from __future__ import annotations
@@ -78,8 +78,7 @@ class Preset:
 PRESETS = {
     "demo": Preset("configs/demo_stage1.yaml", "configs/demo.yaml", "results"),
     # 4 seeds x (full, random, tive) at one epoch (LLaVA's stage 2), on the config's 435-example mixture
-    # with 20 held-out examples per task: ~35 min on 2 quiet cores, 55 min measured while other jobs
-    # shared them (docs/results_smollm2.md).
+    # with 20 held-out examples per task: 33.9 min measured on 2 quiet cores (docs/results_smollm2.md).
     "smollm2": Preset(
         "configs/smollm2_stage1.yaml", "configs/smollm2.yaml", "results_smollm2", arms=("full", "random", "tive"),
         seeds=(0, 1, 2, 3), equal_steps_seeds=0, epochs=1, threads=2, quick_per_task=3, quick_val_size=2,
