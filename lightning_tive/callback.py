@@ -134,7 +134,8 @@ class TIVESelectionCallback(Callback):
         self._swap(trainer, datamodule)
 
     def _values(self, trainer: L.Trainer, module: Any, datamodule: Any, out: Path, comm: Collectives) -> tuple:
-        """Pool-ordered per-example values (norms, instance values, losses, tokens, finite flags)."""
+        """Pool-ordered per-example values (norms, instance values, losses, tokens, finite flags); None
+        on processes other than 0 when they come from `features_from`."""
         pool, task_ids = datamodule.pool_size, np.asarray(datamodule.pool_task_ids)
         run = {"adapter_sha256": None, "valued_now": 0, "feature_settings": None}
         if not self.config.needs_gradients:
@@ -144,7 +145,9 @@ class TIVESelectionCallback(Callback):
         timings: dict[str, float] = {}
         if self.config.features_from is not None:
             source, indices, run["feature_settings"] = open_features(Path(self.config.features_from), datamodule)
-            comm = Collectives(1, 0, comm.device)  # every process reads the whole folder
+            if not trainer.is_global_zero:  # checked on every process above; only process 0 selects
+                return None, timings, run
+            comm = Collectives(1, 0, comm.device)  # process 0 reads the whole folder alone
         else:
             valuation = ReferencePhases(self.config, trainer, module, datamodule).run(out)
             source, indices, timings = valuation.store, valuation.indices, valuation.timings

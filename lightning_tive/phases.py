@@ -87,22 +87,18 @@ class ReferencePhases:
             clock = time.perf_counter()
             if resume:
                 # A valuation was interrupted: its adapter makes the remaining features match the stored ones.
-                if self.sharded:
-                    load_adapter_sharded(adapter, extra_params, adapter_file, self.comm)
-                    rank_zero_info(f"[tive] resuming valuation with the reference adapter from {adapter_file}")
-                else:
-                    if trainer.is_global_zero:
-                        load_adapter(adapter, extra_params, adapter_file)
-                        rank_zero_info(f"[tive] resuming valuation with the reference adapter from {adapter_file}")
-                    for tensor in [layer.weight for _, layer in adapter] + extra_params:
-                        self.comm.broadcast_(tensor)
+                load_adapter(adapter, extra_params, adapter_file, self.comm)
+                rank_zero_info(f"[tive] resuming valuation with the reference adapter from {adapter_file}")
             elif needs_valuation:
                 self.warm_up(extra_params)
             state = adapter_state(adapter, extra_params) if needs_valuation else None  # a collective when sharded
             if needs_valuation and not resume and trainer.is_global_zero:
                 atomic_torch_save(state, adapter_file)
             timings["warmup_s"] = time.perf_counter() - clock
-            digest = adapter_digest(state) if needs_valuation else saved_digest(adapter_file)
+            if needs_valuation:
+                digest = adapter_digest(state)
+            else:  # one process reads the saved adapter (GBs at 7B) for the others
+                digest = self.comm.broadcast_object(saved_digest(adapter_file) if self.comm.rank == 0 else None)
             clock = time.perf_counter()
             valued = self.value(layers, projector, store, indices)
             timings["valuation_s"] = time.perf_counter() - clock
@@ -113,7 +109,7 @@ class ReferencePhases:
         dim = None if self.config.projector == "identity" else self.config.proj_dim
         return build_projector(self.config.projector, dim, self.config.seed, layer_shapes(layers))
 
-    def check_cost(self, projector: Projector) -> dict:
+    def check_cost(self, projector: Projector) -> None:
         """Estimate the projection's cost on this run's device, print it, and refuse it above the limit."""
         estimate = estimate_projection_cost(
             projector, self.trainer.strategy.root_device, self.valuation_batch_size(),
@@ -130,7 +126,6 @@ class ReferencePhases:
             raise refused or ProjectionTooSlow(
                 f"another process estimated the projection above {MAX_COST_SETTING}={self.config.max_projection_s_per_example:g}"
             )
-        return estimate
 
     def valuation_batch_size(self) -> int:
         """Examples per per-example-gradient batch."""
@@ -207,14 +202,10 @@ class ReferencePhases:
             batch = trainer.strategy.batch_to_device(batch)
         # Each process's loss is its slice's share of the global mean, so the gradients summed over
         # processes are the global batch's, whatever the number of processes.
-        if self.config.warmup_loss == "token_mean":
-            tokens = module.supervised_tokens(batch).sum().float() if present else torch.zeros(())
-            denominator = comm.sum(tokens.reshape(1)).clamp(min=1)[0]
-        else:
-            denominator = torch.tensor(float(global_size))
+        denominator = self._warmup_denominator(batch, present, global_size)
         if present:
             with trainer.precision_plugin.forward_context():
-                loss = warmup_loss(module, batch, self.config.warmup_loss, denominator.to(trainer.strategy.root_device))
+                loss = warmup_loss(module, batch, self.config.warmup_loss, denominator)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
             value = loss.detach().float().reshape(1)
@@ -237,13 +228,9 @@ class ReferencePhases:
             batch = trainer.strategy.batch_to_device(batch)
             self._spare = batch
         run = batch if present else self.spare_batch(indices)
-        if self.config.warmup_loss == "token_mean":
-            tokens = module.supervised_tokens(batch).sum().float() if present else torch.zeros((), device=comm.device)
-            denominator = comm.sum(tokens.reshape(1)).clamp(min=1)[0]
-        else:
-            denominator = torch.tensor(float(global_size))
+        denominator = self._warmup_denominator(batch, present, global_size)
         with trainer.precision_plugin.forward_context():
-            loss = warmup_loss(module, run, self.config.warmup_loss, denominator.to(trainer.strategy.root_device))
+            loss = warmup_loss(module, run, self.config.warmup_loss, denominator)
         if not present:
             loss = loss * 0.0
         # FSDP averages the gradients over processes; each loss is its slice's share of the global mean,
@@ -251,6 +238,15 @@ class ReferencePhases:
         (loss * comm.world_size).backward()
         value = loss.detach().float().reshape(1)
         return float(comm.sum_(value)[0])
+
+    def _warmup_denominator(self, batch: dict, present: bool, global_size: int) -> torch.Tensor:
+        """What each process divides its slice's loss by: the global batch's supervised tokens, or its size."""
+        if self.config.warmup_loss == "token_mean":
+            tokens = self.module.supervised_tokens(batch).sum().float() if present else torch.zeros(())
+            denominator = self.comm.sum(tokens.reshape(1)).clamp(min=1)[0]
+        else:
+            denominator = torch.tensor(float(global_size))
+        return denominator.to(self.trainer.strategy.root_device)
 
     def spare_batch(self, indices: np.ndarray) -> dict:
         """A batch on the device for a sharded process that has none to run (the first one that loads)."""
@@ -273,9 +269,9 @@ class ReferencePhases:
         """
         trainer, module = self.trainer, self.module
         missing = store.missing_chunks()
-        bar = progress(trainer, sum(np.diff(store.chunk_range(c))[0] for c in missing), "TIVE valuation")
-        valued = [0]
-        steps = self._valuation_batches(store, indices, missing, bar, valued)
+        total = int(sum(np.diff(store.chunk_range(c))[0] for c in missing))
+        bar = progress(trainer, total, "TIVE valuation")
+        steps = self._valuation_batches(store, indices, missing, bar)
         while True:
             item = next(steps, None)
             more = self.comm.any(item is not None) if self.sharded else item is not None
@@ -295,10 +291,10 @@ class ReferencePhases:
         self.comm.barrier("tive-valuation")
         if not store.is_complete():
             raise RuntimeError(f"feature store {store.folder} is incomplete after valuation: {store.missing_chunks()[:5]}")
-        return valued[0]
+        return total  # every missing chunk was written (checked above)
 
     def _valuation_batches(
-        self, store: FeatureStore, indices: np.ndarray, missing: list, bar: Any, valued: list
+        self, store: FeatureStore, indices: np.ndarray, missing: list, bar: Any
     ) -> Iterator[tuple[dict | None, Any]]:
         """(batch on the device, a function that records its results) per valuation batch; (None, None)
         for a batch whose records were all skipped. Each chunk is written once its batches are recorded."""
@@ -339,7 +335,6 @@ class ReferencePhases:
                 chunk, np.arange(start, stop), features, norms,
                 columns={"loss": losses, "tokens": tokens, "feature_norm": lengths},
             )
-            valued[0] += stop - start
 
 
 def warmup_loss(module: Any, batch: dict, kind: str, denominator: torch.Tensor) -> torch.Tensor:
@@ -351,7 +346,7 @@ def warmup_loss(module: Any, batch: dict, kind: str, denominator: torch.Tensor) 
 
 
 @contextlib.contextmanager
-def reference_model(module: Any, config: TIVEConfig, comm: Collectives | None = None) -> Iterator[tuple[list, list]]:
+def reference_model(module: Any, config: TIVEConfig, comm: Collectives) -> Iterator[tuple[list, list]]:
     """The module with the reference adapter added; afterwards the main model is back, bit for bit.
 
     Yields the adapter's (name, Linear) layers and the extra parameters the warm-up may train (the
@@ -374,7 +369,7 @@ def reference_model(module: Any, config: TIVEConfig, comm: Collectives | None = 
         module.train(was_training)
     after = trainable_digests(module, extra)
     changed = sorted(before[k][0] for k in before if before[k][1] != after.get(k, (None, None))[1])[:5]
-    if comm.any(bool(changed)) if comm is not None else changed:
+    if comm.any(bool(changed)):
         raise RuntimeError(f"the warm-up changed the main model's trainable weights (e.g. {changed or 'on another process'})")
 
 
@@ -406,14 +401,19 @@ def trainable_digests(module: torch.nn.Module, extra: list | None = None) -> dic
     }
 
 
-def adapter_state(layers: list, extra_params: list) -> dict[str, torch.Tensor]:
-    """The reference model's own weights: adapter layers by name, extra parameters by position.
+def adapter_params(layers: list, extra_params: list) -> dict[str, torch.Tensor]:
+    """The reference model's own weights by name: adapter layers by name, extra parameters by position."""
+    params = {name: layer.weight for name, layer in layers}
+    params.update({f"projector.{k}": p for k, p in enumerate(extra_params)})
+    return params
 
-    Whole tensors on every process: sharded ones are all-gathered, so every process must call it.
+
+def adapter_state(layers: list, extra_params: list) -> dict[str, torch.Tensor]:
+    """The reference model's weights (`adapter_params`) as whole CPU tensors.
+
+    Sharded ones are all-gathered, so every process must call it.
     """
-    state = {name: full(layer.weight.detach()).cpu() for name, layer in layers}
-    state.update({f"projector.{k}": full(p.detach()).cpu() for k, p in enumerate(extra_params)})
-    return state
+    return {name: full(p.detach()).cpu() for name, p in adapter_params(layers, extra_params).items()}
 
 
 def adapter_digest(state: dict[str, torch.Tensor]) -> str:
@@ -430,37 +430,18 @@ def saved_digest(path: Path) -> str | None:
     return adapter_digest(torch.load(path, map_location="cpu", weights_only=True)) if path.exists() else None
 
 
-def load_adapter(layers: list, extra_params: list, path: Path) -> None:
-    """Load a saved reference model into the adapter (and the extra parameters)."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    if set(saved) != set(adapter_names(layers, extra_params)):
-        raise ValueError(f"{path} was written for a different reference adapter; delete it to warm up again")
-    with torch.no_grad():
-        for name, layer in layers:
-            layer.weight.copy_(saved[name])
-        for k, param in enumerate(extra_params):
-            param.copy_(saved[f"projector.{k}"])
-
-
-def load_adapter_sharded(layers: list, extra_params: list, path: Path, comm: Collectives) -> None:
-    """`load_adapter` for sharded weights: process 0 reads the file, every process takes its shards."""
+def load_adapter(layers: list, extra_params: list, path: Path, comm: Collectives) -> None:
+    """Load a saved reference model: process 0 reads the file, every process takes its copy (or its shards)."""
     saved = torch.load(path, map_location="cpu", weights_only=True) if comm.rank == 0 else {}
-    names = sorted(adapter_names(layers, extra_params))
-    ok = comm.broadcast_object(set(saved) == set(names) if comm.rank == 0 else None)
-    if not ok:
+    params = adapter_params(layers, extra_params)
+    # Decided together: a process raising alone would leave the others waiting in a broadcast.
+    if not comm.broadcast_object(set(saved) == set(params) if comm.rank == 0 else None):
         raise ValueError(f"{path} was written for a different reference adapter; delete it to warm up again")
-    params = {name: layer.weight for name, layer in layers}
-    params.update({f"projector.{k}": p for k, p in enumerate(extra_params)})
-    for name in names:
+    for name in sorted(params):
         param = params[name]
-        value = saved[name] if comm.rank == 0 else torch.empty(param.shape, dtype=param.dtype)
+        value = saved[name].to(param.dtype) if comm.rank == 0 else torch.empty(param.shape, dtype=param.dtype)
         comm.broadcast_(value)
         copy_full_(param, value)
-
-
-def adapter_names(layers: list, extra_params: list) -> list[str]:
-    """The names `adapter_state` gives the reference model's weights."""
-    return [name for name, _ in layers] + [f"projector.{k}" for k in range(len(extra_params))]
 
 
 def progress(trainer: Any, total: int, desc: str) -> Any:

@@ -43,8 +43,11 @@ class FakeGroup:
 def group(monkeypatch):
     fake = FakeGroup("meta")  # a device no caller's tensor is on
     monkeypatch.setattr(distributed, "dist", fake)
-    # the fake group computes nothing, so there is no result to copy back off the meta device
-    monkeypatch.setattr(Collectives, "_back", staticmethod(lambda moved, tensor: None))
+    # the fake group computes nothing, so nothing is copied off the meta device: each copy-back is recorded
+    fake.backs = []
+    monkeypatch.setattr(
+        Collectives, "_back", staticmethod(lambda moved, tensor: fake.backs.append((moved.device.type, tensor.device.type)))
+    )
     return fake
 
 
@@ -59,9 +62,16 @@ def test_every_tensor_collective_reaches_the_group_on_its_device(group):
     features = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
     instance_values(features, np.array([0, 1, 0, 1, 0, 1]), 2, all_reduce=comm.sum_)
     assert group.calls.count("all_reduce") == 6 and group.calls.count("broadcast") == 1
+    assert group.backs == [("meta", "cpu")] * 7  # every result goes back to the caller's CPU tensor
     # the fake refuses what the code once did: a CPU tensor handed to the group directly
     with pytest.raises(RuntimeError, match="tensor on cpu"):
         distributed.dist.all_reduce(torch.ones(1))
+
+
+def test_back_copies_the_result_into_the_callers_tensor():
+    x = torch.ones(3)
+    Collectives._back(torch.full((3,), 2.0), x)
+    assert x.tolist() == [2.0, 2.0, 2.0]
 
 
 def test_one_process_needs_no_group():
@@ -81,3 +91,38 @@ def test_no_collective_bypasses_the_helpers():
         if pattern.search(line)
     ]
     assert offenders == []
+
+
+class TwoProcessView:
+    """Process `rank` of two, with process 0's answers scripted: records every collective it enters."""
+
+    def __init__(self, rank: int, from_zero: list) -> None:
+        self.rank, self.world_size, self.from_zero, self.entered = rank, 2, from_zero, []
+
+    def broadcast_object(self, obj):
+        self.entered.append("broadcast_object")
+        return obj if self.rank == 0 else self.from_zero.pop(0)
+
+    def broadcast_(self, tensor):
+        self.entered.append("broadcast_")
+        if self.rank:
+            tensor.copy_(self.from_zero.pop(0))
+        return tensor
+
+
+def test_a_mismatched_saved_adapter_is_refused_by_every_process_before_any_weight_moves(tmp_path):
+    from lightning_tive.phases import load_adapter
+
+    layer = torch.nn.Linear(2, 3, bias=False)
+    torch.save({"another.adapter": torch.zeros(3, 2)}, tmp_path / "adapter.pt")
+    for rank in (0, 1):  # process 1 learns the verdict from process 0, so neither waits in a broadcast alone
+        comm = TwoProcessView(rank, from_zero=[False])
+        with pytest.raises(ValueError, match="different reference adapter"):
+            load_adapter([("a.lora_A", layer)], [], tmp_path / "adapter.pt", comm)
+        assert comm.entered == ["broadcast_object"]
+    # a matching file: process 1 takes process 0's weights
+    weight = torch.arange(6.0).reshape(3, 2)
+    torch.save({"a.lora_A": weight}, tmp_path / "adapter.pt")
+    comm = TwoProcessView(1, from_zero=[True, weight])
+    load_adapter([("a.lora_A", layer)], [], tmp_path / "adapter.pt", comm)
+    assert torch.equal(layer.weight, weight) and comm.entered == ["broadcast_object", "broadcast_"]
