@@ -1,4 +1,4 @@
-"""The LightningCLI for lightning_tive: `fit`, `validate`, `test`, plus `export` and `fetch-smollm2`."""
+"""The LightningCLI for lightning_tive: `fit`, `validate`, `test`, plus `export` (`fetch-smollm2` is in __main__)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_tive.callback import TIVESelectionCallback
 from lightning_tive.data.datamodule import LlavaDataModule
+from lightning_tive.files import atomic_write
 from lightning_tive.model import LlavaModule
 from lightning_tive.tive_config import TIVEConfig
 
@@ -99,8 +100,8 @@ class TiveCLI(LightningCLI):
         if self.trainer.is_global_zero and not self.trainer.interrupted:
             root = self._root()
             root.mkdir(parents=True, exist_ok=True)
-            (root / FINISHED).write_text(json.dumps({"global_step": self.trainer.global_step,
-                                                     "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+            atomic_write(root / FINISHED, json.dumps({"global_step": self.trainer.global_step,
+                                                      "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """The trainer, with TIVESelectionCallback built from the `tive:` section."""
@@ -167,10 +168,5 @@ def main(argv: list[str] | None = None) -> None:
     words = sys.argv[1:] if argv is None else argv
     if words and words[0] == "export":
         export_main(words[1:])
-        return
-    if words and words[0] == "fetch-smollm2":
-        from lightning_tive.weights import fetch_main
-
-        fetch_main(words[1:])
         return
     run_cli(argv)  # None: LightningCLI reads sys.argv itself

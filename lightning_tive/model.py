@@ -67,17 +67,20 @@ class VisionTowerConfig:
 
     def clip_config(self) -> Any:
         """The `CLIPVisionConfig` it describes."""
-        from transformers import CLIPVisionConfig
-
-        return CLIPVisionConfig(
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            image_size=self.image_size,
-            patch_size=self.patch_size,
-            projection_dim=self.hidden_size,
+        return clip_vision_config(
+            self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.num_attention_heads,
+            self.image_size, self.patch_size,
         )
+
+
+def clip_vision_config(hidden: int, intermediate: int, layers: int, heads: int, image_size: int, patch_size: int) -> Any:
+    """A `CLIPVisionConfig` for a randomly initialised tower (projection width = hidden width)."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
+        image_size=image_size, patch_size=patch_size, projection_dim=hidden,
+    )
 
 
 @dataclass
@@ -428,20 +431,14 @@ class LlavaModule(L.LightningModule):
         )
 
     def _build_tiny(self) -> Any:
-        from transformers import CLIPVisionConfig, LlamaConfig, LlavaForConditionalGeneration
+        from transformers import LlamaConfig, LlavaForConditionalGeneration
 
         t: TinyLlavaConfig = self.tiny
         tokenizer = self.processor.tokenizer
         if t.vocab_size is not None and t.vocab_size < len(tokenizer):
             raise ValueError(f"tiny.vocab_size={t.vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
-        vision = CLIPVisionConfig(
-            hidden_size=t.vision_hidden_size,
-            intermediate_size=t.vision_intermediate_size,
-            num_hidden_layers=t.vision_layers,
-            num_attention_heads=t.vision_heads,
-            image_size=t.image_size,
-            patch_size=t.patch_size,
-            projection_dim=t.vision_hidden_size,
+        vision = clip_vision_config(
+            t.vision_hidden_size, t.vision_intermediate_size, t.vision_layers, t.vision_heads, t.image_size, t.patch_size
         )
         text = LlamaConfig(
             vocab_size=len(tokenizer) if t.vocab_size is None else t.vocab_size,
@@ -676,7 +673,7 @@ class LlavaModule(L.LightningModule):
         labels = batch["labels"]
         chunks = 1
         if self.sharded:  # every process calls lm_head (an FSDP unit) equally often
-            supervised = int((labels[:, 1:] != -100).sum())
+            supervised = int(self.supervised_tokens(batch).sum())
             chunks = self._max_over_processes(max(1, math.ceil(supervised / self.nll_chunk_tokens)), hidden.device)
         return chunked_per_example_nll(hidden, labels, llava.lm_head, self.nll_chunk_tokens, min_chunks=chunks)
 

@@ -21,7 +21,7 @@ SelectionStrategy = Literal[
     "length_normalised",
 ]
 STRATEGIES: tuple[str, ...] = typing.get_args(SelectionStrategy)
-NEEDS_GRADIENTS = ("tive", "tive_uniform", "instance_only", "gradnorm", "perplexity", "size_aware", "length_normalised")
+NEEDS_GRADIENTS = tuple(s for s in STRATEGIES if s not in ("random", "length"))  # the rest read the feature store
 # The settings that change a stored feature (the rest only change what is selected from it).
 FEATURE_FIELDS = (
     "warmup_ratio", "warmup_epochs", "warmup_lr", "warmup_projector_lr", "warmup_grad_clip", "warmup_loss",

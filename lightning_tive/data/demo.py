@@ -14,10 +14,7 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import random
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -556,25 +553,6 @@ def ensure_demo(config: DemoConfig, cache_dir: Path | None = None) -> DemoPaths:
 
     # val.json is written last, and folders appear only by rename: one holding it is complete.
     return DemoPaths.under(build_cache_folder(final, build, "val.json"))
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache_dir))
-    try:
-        generate_demo(tmp, config)
-        (tmp / "config.json").write_text(
-            json.dumps({"config": asdict(config), "generator": GENERATOR_VERSION}, indent=2, sort_keys=True)
-            + "\n"
-        )
-        os.rename(tmp, final)
-    except OSError as err:
-        # Another process renamed its copy into place first; use that one.
-        if not (final / "val.json").is_file():
-            raise RuntimeError(
-                f"could not create the demo cache {final} (incomplete? delete it): {err}"
-            ) from err
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return DemoPaths.under(final)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,6 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from lightning_tive.files import build_cache_folder
+from lightning_tive.paths import default_cache_root
 
 # Bump when the corpus or settings change: it names the cache folder.
 TOKENIZER_VERSION = 2
@@ -165,8 +166,6 @@ def build_demo_tokenizer(save_dir: str | Path | None = None) -> PreTrainedTokeni
 
 def demo_tokenizer_path(cache_dir: str | Path | None = None) -> Path:
     """Build the demo tokenizer once into the cache (race-safe) and return its folder."""
-    from lightning_tive.paths import default_cache_root
-
     root = Path(cache_dir) if cache_dir is not None else default_cache_root()
     return build_cache_folder(root / f"tokenizer-v{TOKENIZER_VERSION}", build_demo_tokenizer, "tokenizer.json")
 

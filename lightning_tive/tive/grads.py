@@ -119,12 +119,11 @@ class _Tap(torch.autograd.Function):
 class _Recorder:
     """Forward hooks that tap each target layer's output, and the accumulation of its (input, output-gradient)."""
 
-    def __init__(self, layers: list[nn.Linear], projector: Projector, norm_method: str) -> None:
-        self.layers = layers
+    def __init__(self, num_layers: int, projector: Projector, norm_method: str) -> None:
         self.projector = projector
         self.norm_method = norm_method
-        self.calls = [0] * len(layers)
-        self.weights: list[Tensor | None] = [None] * len(layers)  # the weight each layer ran with
+        self.calls = [0] * num_layers
+        self.weights: list[Tensor | None] = [None] * num_layers  # the weight each layer ran with
         self.forward_done = False
         self.sq: Tensor | None = None
         self.out: Tensor | None = None
@@ -215,7 +214,7 @@ def per_example_grads(
     if torch.is_inference_mode_enabled():
         raise RuntimeError("per_example_grads cannot run under torch.inference_mode()")
 
-    recorder = _Recorder(linears, projector, norm_method)
+    recorder = _Recorder(len(linears), projector, norm_method)
     weights = [m.weight for m in linears]
     saved_flags = [w.requires_grad for w in weights]
     handles = [m.register_forward_hook(recorder.forward_hook(i)) for i, m in enumerate(linears)]

@@ -21,7 +21,7 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -281,7 +281,7 @@ def select_from_values(
     timings["sampling_s"] = time.perf_counter() - clock
     if not report_values:
         nan = np.full(n_rows, np.nan)
-        stats = TaskStats(**{**asdict(stats), "values": np.full(len(names), np.nan)})
+        stats = replace(stats, values=np.full(len(names), np.nan))
         u, norm_arr = nan, nan
     return _result(names, stats, shares, exclude_tasks, budget, budgets, times, u, finite, norm_arr, tid, {
         "ratio": float(ratio),
