@@ -192,8 +192,13 @@ def test_wandb_offline_run_file_holds_the_histograms(tmp_path, monkeypatch):
     wandb.teardown()  # stops W&B's service, which flushes the run file
     rows = read_history(find_offline_run(tmp_path), wait_s=5)
     merged = {k: v for row in rows for k, v in row.items()}
-    assert all(merged[f"tive/instance_value/{task}"]["_type"] == "histogram" for task in DEMO.train_sizes)
-    assert merged["tive/budget"] == round(0.25 * POOL)
+    for task in DEMO.train_sizes:
+        assert merged[f"tive/instance_value/{task}"]["_type"] == "histogram"
+        assert merged[f"tive/grad_norm/{task}"]["_type"] == "histogram"
+    assert merged["tive/budget"] == round(0.25 * POOL) and merged["tive/pool_size"] == POOL
+    # the table and the image reach the file through wandb's own serialisation
+    assert merged["tive/tasks"]["_type"] == "table-file" and merged["tive/report"]["_type"] == "image-file"
+    assert any("tive/warmup_loss" in row for row in rows)
 
 
 @pytest.mark.parametrize(
@@ -345,15 +350,22 @@ def test_too_slow_a_projection_is_refused_before_the_warm_up(tmp_path, monkeypat
         ({"precision": "bf16-mixed"}, ["extra.precision: folder has '32-true', requested 'bf16-mixed'"]),
     ],
 )
-def test_a_store_from_another_warm_up_batch_or_precision_is_refused_naming_it(lora_run, tmp_path, change, names):
+def test_a_store_from_another_warm_up_batch_or_precision_is_refused_naming_it(lora_run, tmp_path, change, names,
+                                                                               monkeypatch):
     import shutil
+
+    from lightning_tive.tive.store import FeatureStore
 
     shutil.copytree(lora_run[0] / "tive" / "features", tmp_path / "tive" / "features")
     with pytest.raises(ValueError, match="does not match the requested settings") as refused:
         run_fit(tmp_path, stop_after_selection=True, **change)
     assert all(name in str(refused.value) for name in names), str(refused.value)
-    # the same settings reuse it: nothing to value again
-    _, same, _, _ = run_fit(tmp_path / "same", stop_after_selection=True)
+    # the same settings, on the same copied store: no warm-up, no chunk valued again, the same selection
+    monkeypatch.setattr(ReferencePhases, "warm_up", lambda *a, **k: pytest.fail("warm-up ran"))
+    monkeypatch.setattr(FeatureStore, "write_chunk", lambda *a, **k: pytest.fail("a chunk was valued again"))
+    _, same, _, _ = run_fit(tmp_path, stop_after_selection=True)
+    assert json.loads((tmp_path / "tive" / "ranks" / "rank-00000.json").read_text())["valued_this_run"] == 0
+    assert same.selected.tolist() == lora_run[2].selected.tolist()
 
 
 class ThirdPartyData(L.LightningDataModule):

@@ -123,9 +123,10 @@ def test_padding_the_loss_chunks_calls_the_head_as_often_without_changing_the_lo
     hidden = torch.randn(2, 6, 8, requires_grad=True)
     labels = torch.tensor([[-100, 1, 2, -100, 3, 4], [-100, -100, 5, 6, -100, -100]])
     plain = chunked_per_example_nll(hidden, labels, head, chunk_tokens=2)
+    assert len(calls) == 3  # 6 supervised next-token positions (4 + 2) in chunks of 2: no padding unless asked
     calls.clear()
     padded = chunked_per_example_nll(hidden, labels, head, chunk_tokens=2, min_chunks=5)
-    assert len(calls) == 5  # 5 supervised tokens in 3 chunks of 2, padded to 5 (every process runs lm_head alike)
+    assert len(calls) == 5  # the same 3 chunks, padded to 5 (every process runs lm_head alike)
     for a, b in zip(plain, padded, strict=True):
         assert torch.equal(a, b)
     grads = [torch.autograd.grad(out[0].sum(), [hidden, head.weight]) for out in (plain, padded)]

@@ -37,13 +37,15 @@ def test_every_output_lands_under_the_run_folder_and_a_finished_run_is_kept(tmp_
     assert config["tive"]["output_dir"] == str(root / "tive")
     assert config["trainer"]["logger"]["init_args"]["save_dir"] == str(root)
     assert config["trainer"]["callbacks"][0]["init_args"]["dirpath"] == str(root / "checkpoints")
-    # the same folder again: refused, naming the ways forward
+    # the same folder again: refused before anything is written, naming the ways forward
+    watched = ("finished.json", "checkpoints/last.ckpt", "tive/summary.json", "tive/subset.json")
+    stamps = {path: (root / path).stat().st_mtime_ns for path in watched}
     again = fit(cwd, root)
     assert again.returncode != 0
     assert "already holds a finished run" in again.stderr and "--overwrite true" in again.stderr
-    assert "--ckpt_path" in again.stderr
-    stamp = (root / "tive" / "summary.json").stat().st_mtime_ns
-    assert stamp == (root / "tive" / "summary.json").stat().st_mtime_ns
+    assert f"--ckpt_path {root / 'checkpoints' / 'last.ckpt'}" in again.stderr
+    assert {path: (root / path).stat().st_mtime_ns for path in watched} == stamps
     replaced = fit(cwd, root, "--overwrite", "true")
     assert replaced.returncode == 0, replaced.stderr[-4000:]
     assert "replacing the finished run" in replaced.stderr
+    assert (root / "finished.json").stat().st_mtime_ns > stamps["finished.json"]

@@ -51,4 +51,6 @@ def test_projection_bench_prints_json_last_with_both_projectors(capsys):
         per_example = figures[f"{kind}_s_per_example"]
         assert per_example["32_layers"] == pytest.approx(16 * per_example["2_layers"])
         assert per_example["2_layers"] > 0
-    assert figures["ratio_rademacher_over_kronecker"] > 0
+    assert figures["ratio_rademacher_over_kronecker"] == pytest.approx(
+        figures["rademacher_s_per_example"]["2_layers"] / figures["kronecker_s_per_example"]["2_layers"]
+    )
