@@ -120,7 +120,6 @@ def _build(args: argparse.Namespace, arm: str) -> dict[str, Any]:
 
 def _batch(module: Any, batch: int, tokens: int) -> dict:
     import torch
-
     from gpu_check import make_batch  # scripts/ is on sys.path when a script runs
 
     out = make_batch(module, batch, tokens, IMAGE_TOKENS, 336)

@@ -53,6 +53,7 @@ OTHER_SAMPLING_SEED_OFFSET = 1
 def fit_arm(folder: Path, seed: int, projector: str, tive_seed: int, args: argparse.Namespace, dtype: str = "float16"):
     """One `fit` that stops after selection; returns the CLI (trainer, model, datamodule)."""
     import lightning as L
+    from experiment import QUIET_TRAINER, overlay  # scripts/ is on sys.path when a script runs
 
     from lightning_tive.cli import run_cli
 
@@ -60,11 +61,7 @@ def fit_arm(folder: Path, seed: int, projector: str, tive_seed: int, args: argpa
     text = f"""
 seed_everything: {seed}
 trainer:
-  logger: false
-  enable_checkpointing: false
-  enable_progress_bar: false
-  enable_model_summary: false
-  callbacks: []
+{QUIET_TRAINER}
   default_root_dir: {folder}
 model:
   init_from: {args.init_from or "null"}
@@ -78,11 +75,8 @@ tive:
   feature_dtype: {dtype}
   output_dir: {folder / "tive"}
 """
-    folder.mkdir(parents=True, exist_ok=True)
-    overlay = folder / "overlay.yaml"
-    overlay.write_text(text)
     L.seed_everything(seed, verbose=False)
-    cli = run_cli(["--config", str(ROOT / "configs" / "demo.yaml"), "--config", str(overlay)], run=False)
+    cli = run_cli(["--config", str(ROOT / "configs" / "demo.yaml"), "--config", overlay(folder, text)], run=False)
     cli.trainer.fit(cli.model, cli.datamodule)
     return cli
 

@@ -108,6 +108,14 @@ def model_yaml(args: argparse.Namespace, **fields) -> str:
     return json.dumps({**args.model_overrides, **fields})
 
 
+# A trainer that only trains: no logger, bar, summary or checkpoints (indented under `trainer:`).
+QUIET_TRAINER = """  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  callbacks: []"""
+
+
 def overlay(folder: Path, text: str) -> str:
     """Write a YAML overlay into the arm's folder and return its path."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -181,11 +189,7 @@ def run_arm(arm: str, seed: int, folder: Path, ckpt: Path, args: argparse.Namesp
     text = f"""
 seed_everything: {seed}
 trainer:
-  logger: false
-  enable_checkpointing: false
-  enable_progress_bar: false
-  enable_model_summary: false
-  callbacks: []
+{QUIET_TRAINER}
   {steps}
   check_val_every_n_epoch: {NEVER}
   default_root_dir: {folder}

@@ -1,13 +1,51 @@
-"""The check that a multi-process selection is the one-process selection, shared by the DDP and FSDP tests."""
+"""The multi-process smoke fit and the check that its selection is the one-process one, shared by the DDP and FSDP tests."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tive_overlay(tmp: Path, chunk_size: int = 32) -> str:
+    """The `data:` and `tive:` sections of a smoke run into `tmp`, with a small reference LoRA."""
+    return f"""
+data:
+  output_dir: {tmp}
+tive:
+  output_dir: {tmp}/tive
+  chunk_size: {chunk_size}
+  warmup_batch_size: 8
+  reference_lora:
+    r: 8
+    alpha: 16
+    dropout: 0.0
+    target_modules: [q_proj, k_proj, v_proj, o_proj]
+"""
+
+
+def smoke_fit(tmp: Path, overlay: str, *extra: str) -> subprocess.CompletedProcess:
+    """`fit` of configs/demo.yaml + smoke.yaml + `overlay` (written to `tmp`) in a subprocess; asserts it succeeds."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "overlay.yaml").write_text(overlay)
+    cmd = [
+        sys.executable, "-m", "lightning_tive", "fit",
+        "--config", str(ROOT / "configs" / "demo.yaml"),
+        "--config", str(ROOT / "configs" / "smoke.yaml"),
+        "--config", str(tmp / "overlay.yaml"), *extra,
+    ]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done
 
 
 def values(tmp: Path) -> dict[int, dict]:

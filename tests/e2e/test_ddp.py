@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from parity import assert_same_selection
+from parity import assert_same_selection, smoke_fit, tive_overlay
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def overlay(tmp: Path, devices: int, chunk_size: int = 32) -> Path:
+def run(tmp: Path, devices: int, extra: str = "", chunk_size: int = 32) -> subprocess.CompletedProcess:
     # validation on: every process computes every task's metric (a collective) whatever it saw
-    text = f"""
+    trainer = f"""
 trainer:
   devices: {devices}
   strategy: {"ddp" if devices > 1 else "auto"}
@@ -26,40 +23,13 @@ trainer:
   enable_checkpointing: false
   callbacks: []
   default_root_dir: {tmp}
-  limit_val_batches: 3
-data:
-  output_dir: {tmp}
-tive:
-  output_dir: {tmp}/tive
-  chunk_size: {chunk_size}
-  warmup_batch_size: 8
-  reference_lora:
-    r: 8
-    alpha: 16
-    dropout: 0.0
-    target_modules: [q_proj, k_proj, v_proj, o_proj]
-"""
-    path = tmp / "overlay.yaml"
-    tmp.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
-
-
-def run(tmp: Path, devices: int, extra: str = "", **options) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable, "-m", "lightning_tive", "fit",
-        "--config", str(ROOT / "configs" / "demo.yaml"),
-        "--config", str(ROOT / "configs" / "smoke.yaml"),
-        "--config", str(overlay(tmp, devices, **options)),
-    ]
+  limit_val_batches: 3"""
+    more = []
     if extra:
+        tmp.mkdir(parents=True, exist_ok=True)
         (tmp / "extra.yaml").write_text(extra)
-        cmd += ["--config", str(tmp / "extra.yaml")]
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    return done
-
+        more = ["--config", str(tmp / "extra.yaml")]
+    return smoke_fit(tmp, trainer + tive_overlay(tmp, chunk_size), *more)
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from parity import assert_same_selection
+from parity import ROOT, assert_same_selection, smoke_fit, tive_overlay
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 SHARDED = """
@@ -39,42 +38,13 @@ UNSHARDED = """
 """
 
 
-def overlay(tmp: Path, devices: int) -> Path:
-    text = f"""
+def run(tmp: Path, devices: int, *extra: str) -> subprocess.CompletedProcess:
+    trainer = f"""
 trainer:
   devices: {devices}
   logger: false
-  default_root_dir: {tmp}{SHARDED if devices > 1 else UNSHARDED}
-data:
-  output_dir: {tmp}
-tive:
-  output_dir: {tmp}/tive
-  chunk_size: 32
-  warmup_batch_size: 8
-  reference_lora:
-    r: 8
-    alpha: 16
-    dropout: 0.0
-    target_modules: [q_proj, k_proj, v_proj, o_proj]
-"""
-    path = tmp / "overlay.yaml"
-    tmp.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
-
-
-def run(tmp: Path, devices: int, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable, "-m", "lightning_tive", "fit",
-        "--config", str(ROOT / "configs" / "demo.yaml"),
-        "--config", str(ROOT / "configs" / "smoke.yaml"),
-        "--config", str(overlay(tmp, devices)), *extra,
-    ]
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    return done
-
+  default_root_dir: {tmp}{SHARDED if devices > 1 else UNSHARDED}"""
+    return smoke_fit(tmp, trainer + tive_overlay(tmp), *extra)
 
 
 def ranks(tmp: Path) -> list[dict]:
