@@ -15,7 +15,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def tive_overlay(tmp: Path, chunk_size: int = 32) -> str:
+CHUNK_SIZE = 32
+
+
+def tive_overlay(tmp: Path, chunk_size: int = CHUNK_SIZE) -> str:
     """The `data:` and `tive:` sections of a smoke run into `tmp`, with a small reference LoRA."""
     return f"""
 data:
@@ -66,3 +69,16 @@ def assert_same_selection(one: Path, many: Path, atol: float = 1e-4, min_overlap
     overlap = sum((s1 & s2).values()) / sum(s1.values())
     assert overlap >= min_overlap, overlap
     return overlap
+
+
+def forget_last_chunks(run: Path, chunk_size: int = CHUNK_SIZE) -> int:
+    """Unmark the last finished chunk of every shard, as if every process were killed mid-valuation
+    (a killed run never marks its folder finished); returns how many rows need valuing again."""
+    folder = run / "tive" / "features"
+    (run / "finished.json").unlink()
+    removed = 0
+    for name in json.loads((folder / "shards.json").read_text())["shards"]:
+        markers = sorted((folder / name / "done").iterdir())
+        markers[-1].unlink()
+        removed += len(np.load(folder / name / "indices.npy")) - chunk_size * (len(markers) - 1)
+    return removed

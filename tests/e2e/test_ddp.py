@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from parity import assert_same_selection, smoke_fit, tive_overlay
+from parity import assert_same_selection, forget_last_chunks, smoke_fit, tive_overlay
 
 pytestmark = pytest.mark.slow
 
@@ -72,16 +72,7 @@ def test_two_processes_match_one_process(runs):
 def test_resumed_two_process_run_continues_from_its_shards(runs):
     _, two = runs
     before = json.loads((two / "tive" / "summary.json").read_text())
-    folder = two / "tive" / "features"
-    spec = json.loads((folder / "shards.json").read_text())
-    # forget the last finished chunk of every shard, as if both processes were killed mid-valuation
-    # (a killed run never marks its folder finished)
-    (two / "finished.json").unlink()
-    removed = 0
-    for name in spec["shards"]:
-        markers = sorted((folder / name / "done").iterdir())
-        markers[-1].unlink()
-        removed += len(np.load(folder / name / "indices.npy")) - 32 * (len(markers) - 1)
+    removed = forget_last_chunks(two)
     run(two, 2)
     ranks = [json.loads(p.read_text()) for p in sorted((two / "tive" / "ranks").glob("rank-*.json"))]
     assert sum(r["valued_this_run"] for r in ranks) == removed

@@ -9,10 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from parity import ROOT, assert_same_selection, smoke_fit, tive_overlay
+from parity import ROOT, assert_same_selection, forget_last_chunks, smoke_fit, tive_overlay
 
 pytestmark = pytest.mark.slow
 
@@ -109,15 +108,7 @@ def test_resumed_sharded_valuation_continues_from_its_shards(runs):
     _, two, _ = runs
     before = json.loads((two / "tive" / "summary.json").read_text())
     adapter = ranks(two)[0]["reference_adapter_sha256"]
-    folder = two / "tive" / "features"
-    spec = json.loads((folder / "shards.json").read_text())
-    # forget the last finished chunk of every shard, as if both processes were killed mid-valuation
-    (two / "finished.json").unlink()
-    removed = 0
-    for name in spec["shards"]:
-        markers = sorted((folder / name / "done").iterdir())
-        markers[-1].unlink()
-        removed += len(np.load(folder / name / "indices.npy")) - 32 * (len(markers) - 1)
+    removed = forget_last_chunks(two)
     done = run(two, 2)
     assert "resuming valuation with the reference adapter" in done.stdout + done.stderr
     records = ranks(two)
