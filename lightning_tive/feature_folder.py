@@ -45,7 +45,13 @@ class PlainFeatures(ArrayFeatures):
 
 
 def pool_fingerprint(datamodule: Any) -> str:
-    """A digest of the pool's records (ids, images, conversations) and tasks, in pool order."""
+    """A digest of the pool's records (ids, images, conversations) and tasks, in pool order.
+
+    A DataModule with a `pool_digest` (LlavaDataModule's comes from its index's per-record digests)
+    gives it directly; otherwise every record is serialised once.
+    """
+    if hasattr(datamodule, "pool_digest"):
+        return datamodule.pool_digest
     digest = hashlib.sha256()
     for i in range(datamodule.pool_size):
         digest.update(json.dumps(datamodule.pool_record(i), sort_keys=True, default=str).encode())

@@ -10,27 +10,26 @@ from typing import Any, Literal
 
 import lightning as L
 import numpy as np
-import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, RandomSampler, Sampler
+from torch.utils.data import DataLoader
 
 from lightning_tive.data.dataset import Encoder, IndexView, LlavaCollator, LlavaDataset, Pool
 from lightning_tive.data.demo import DemoConfig
 from lightning_tive.data.images import ImageTransform, image_token_count
-from lightning_tive.data.records import (
-    BadRecordPolicy,
-    SkipLog,
-    apply_policy,
-    load_records,
-    record_id,
-    structure_problem,
+from lightning_tive.data.index import DataIndex, IndexSpec, build_index
+from lightning_tive.data.records import BadRecordPolicy, SkipLog, apply_policy
+from lightning_tive.data.sampling import (
+    ResumableDistributedSampler,
+    epoch_plan,
+    padding_efficiency,
+    rank_batches,
 )
 from lightning_tive.data.tasks import TaskLabeller
 from lightning_tive.data.template import build_template
+from lightning_tive.paths import default_cache_root
 
 EvalKind = Literal["exact_match", "token_f1", "loss_only"]
 SHORT_ANSWER_WORDS = 4  # held-out answers up to this many words are scored by exact match
-LENGTH_CHECK_BATCH = 1024
 
 
 class LlavaDataModule(L.LightningDataModule):
@@ -55,7 +54,8 @@ class LlavaDataModule(L.LightningDataModule):
         shuffle_seed: seed of the training order; None follows the run's seed (`seed_everything`),
             so runs with another seed see another order over the same held-out split.
         group_by_length: LLaVA's group-by-modality-length batching, for throughput.
-        check_lengths: tokenize every record at setup to find over-long ones before training.
+        index_dir: where the data indexes (records parsed, checked and tokenised once) are cached;
+            null: `<LIGHTNING_TIVE_CACHE>/index`. Delete an index folder to check the images again.
         max_val_per_task: cap on held-out examples per task (keeps validation quick).
         task_eval_kinds: per-task metric (`exact_match`, `token_f1`, `loss_only`); others are inferred.
     """
@@ -79,7 +79,7 @@ class LlavaDataModule(L.LightningDataModule):
         seed: int = 0,
         shuffle_seed: int | None = None,
         group_by_length: bool = False,
-        check_lengths: bool = True,
+        index_dir: str | None = None,
         max_val_per_task: int | None = None,
         task_eval_kinds: dict[str, EvalKind] | None = None,
     ):
@@ -100,7 +100,7 @@ class LlavaDataModule(L.LightningDataModule):
         self.image_aspect_ratio, self.template_name, self.demo = image_aspect_ratio, template, demo
         self.output_dir, self.seed, self.group_by_length = output_dir, seed, group_by_length
         self.shuffle_seed = shuffle_seed
-        self.check_lengths, self.max_val_per_task = check_lengths, max_val_per_task
+        self.index_dir, self.max_val_per_task = index_dir, max_val_per_task
         self.task_eval_kinds = dict(task_eval_kinds or {})
         self.processor: Any = None
         self.pool: Pool | None = None
@@ -109,6 +109,9 @@ class LlavaDataModule(L.LightningDataModule):
         self.skip_log: SkipLog | None = None
         self._dataset: LlavaDataset | None = None
         self._val_dataset: LlavaDataset | None = None
+        self._train_sampler: ResumableDistributedSampler | None = None
+        self._order_seed: int | None = None  # the training order's seed, once restored from a checkpoint
+        self._resume: tuple[int, int] | None = None  # (epoch, batches done) restored from a checkpoint
 
     # ---------------------------------------------------------------- set-up
     def attach_processor(self, processor: Any) -> None:
@@ -136,22 +139,18 @@ class LlavaDataModule(L.LightningDataModule):
         return self.trainer is None or self.trainer.is_global_zero
 
     def prepare_data(self) -> None:
-        """Generate the demo mixture once (cached), before any process reads it."""
+        """Generate the demo mixture and build the data indexes: once per node, before any process reads them."""
+        self._configure(self._resolve_processor())
+        for path in (self.train_path, self.val_path):
+            if path is not None:
+                self._index(path)
+
+    def _configure(self, processor: Any) -> None:
+        """The record files (the demo's, when set), the encoder and the image transform."""
         if self.demo is not None:
-            self._demo_paths()
+            from lightning_tive.data.demo import ensure_demo
 
-    def _demo_paths(self) -> Any:
-        from lightning_tive.data.demo import ensure_demo
-
-        return ensure_demo(self.demo)
-
-    def setup(self, stage: str | None = None) -> None:
-        """Read, check and label the records; build the pool and the held-out split (once)."""
-        if self.pool is not None:
-            return
-        processor = self._resolve_processor()
-        if self.demo is not None:
-            paths = self._demo_paths()
+            paths = ensure_demo(self.demo)
             self.train_path, self.val_path = str(paths.train_json), str(paths.val_json)
             self.image_folder = str(paths.image_folder)
         tokenizer = processor.tokenizer
@@ -163,6 +162,22 @@ class LlavaDataModule(L.LightningDataModule):
             max_length=self.max_length,
         )
         self.image_transform = ImageTransform(processor.image_processor, self.image_aspect_ratio)
+
+    def _index(self, path: str) -> DataIndex:
+        """The index of a record file, built now unless a process built it before."""
+        root = Path(self.index_dir).expanduser() if self.index_dir else default_cache_root() / "index"
+        spec = IndexSpec(
+            source=path, image_folder=self.image_folder, template=self.template_name, max_length=self.max_length,
+            image_token_id=self.encoder.image_token_id, num_image_tokens=self.encoder.num_image_tokens,
+            task_rules=tuple((r.task, r.image_regex, r.prompt_regex) for r in self.labeller.rules),
+        )
+        return DataIndex(build_index(root, spec, self.encoder.tokenizer, self.encoder.encode, self.labeller.label))
+
+    def setup(self, stage: str | None = None) -> None:
+        """Map the indexes, apply the bad-record policy, build the pool and the held-out split (once)."""
+        if self.pool is not None:
+            return
+        self._configure(self._resolve_processor())
         out = self._output_dir()
         skipped_path = out / "skipped.jsonl" if out is not None else None
         if self._is_global_zero() and skipped_path is not None and skipped_path.exists():
@@ -206,44 +221,9 @@ class LlavaDataModule(L.LightningDataModule):
         )
 
     def _build_pool(self, path: str, stage: str) -> Pool:
-        records = load_records(path)
-        problems: list[tuple[int, Any, str]] = []
-        valid: list[int] = []
-        for position, record in enumerate(records):
-            reason = structure_problem(record)
-            if reason is None and record.get("image") is not None:
-                if not os.path.isfile(os.path.join(self.image_folder or "", record["image"])):
-                    reason = f"image file {record['image']!r} not found under {self.image_folder!r}"
-            if reason is None:
-                valid.append(position)
-            else:
-                problems.append((position, record_id(record, position), reason))
-        if self.check_lengths:
-            problems.extend(self._length_problems(records, valid))
-            bad = {p for p, _, _ in problems}
-            valid = [p for p in valid if p not in bad]
-        problems.sort(key=lambda p: p[0])
-        apply_policy(problems, self.on_bad_record, self.skip_log, stage=stage, source=path)
-        kept = [records[p] for p in valid]
-        labels, _ = self.labeller.label_all(kept)
-        names = sorted(set(labels))
-        index = {name: i for i, name in enumerate(names)}
-        return Pool(
-            records=kept,
-            positions=np.asarray(valid, dtype=np.int64),
-            task_ids=np.fromiter((index[t] for t in labels), dtype=np.int64, count=len(labels)),
-            task_names=names,
-            source=path,
-        )
-
-    def _length_problems(self, records: list, positions: list[int]) -> list[tuple[int, Any, str]]:
-        problems = []
-        for start in range(0, len(positions), LENGTH_CHECK_BATCH):
-            chunk = positions[start : start + LENGTH_CHECK_BATCH]
-            for position, result in zip(chunk, self.encoder.encode([records[p] for p in chunk]), strict=True):
-                if isinstance(result, ValueError):
-                    problems.append((position, record_id(records[position], position), str(result)))
-        return problems
+        index = self._index(path)
+        apply_policy(index.problems(), self.on_bad_record, self.skip_log, stage=stage, source=path)
+        return Pool(index, np.arange(len(index), dtype=np.int64), np.asarray(index.label_ids, dtype=np.int64), index.labels)
 
     def _split_held_out(self, pool: Pool) -> tuple[Pool, Pool]:
         rng = np.random.default_rng(self.seed)
@@ -253,7 +233,7 @@ class LlavaDataModule(L.LightningDataModule):
             count = int(round(self.val_ratio * len(members)))
             if count and len(members) > 1:
                 held[rng.choice(members, size=min(count, len(members) - 1), replace=False)] = True
-        return _subset(pool, np.nonzero(~held)[0]), _subset(pool, np.nonzero(held)[0])
+        return pool.subset(np.nonzero(~held)[0]), pool.subset(np.nonzero(held)[0])
 
     # ---------------------------------------------------------------- what TIVE needs
     @property
@@ -270,6 +250,11 @@ class LlavaDataModule(L.LightningDataModule):
     def pool_task_ids(self) -> np.ndarray:
         """Task index (into `task_names`) of every pool example."""
         return self._require_pool().task_ids
+
+    @property
+    def pool_digest(self) -> str:
+        """A digest of the pool's records and tasks, in pool order (the feature store's fingerprint)."""
+        return self._require_pool().digest()
 
     def pool_record(self, index: int) -> dict:
         """The LLaVA record at a pool index, with its task filled in."""
@@ -317,25 +302,46 @@ class LlavaDataModule(L.LightningDataModule):
 
     # ---------------------------------------------------------------- loaders
     def train_dataloader(self) -> DataLoader:
-        """Serves exactly `train_indices` (the whole pool until TIVE swaps it), shuffled and seeded."""
+        """Serves exactly `train_indices` (the whole pool until TIVE swaps it), in a seeded order.
+
+        Each process gets its share of every global batch (`ResumableDistributedSampler`), grouped by
+        length with `group_by_length`; a resumed fit continues the epoch where its checkpoint left it.
+        """
         self._require_pool()
         view = IndexView(self._dataset, self.train_indices)
-        generator = torch.Generator().manual_seed(self._shuffle_seed())
-        sampler: Sampler
-        if self.group_by_length:
-            sampler = ModalityLengthGroupedSampler(self._modality_lengths(self.train_indices), self.batch_size, generator)
-        else:
-            sampler = RandomSampler(view, generator=generator)
+        world, rank = self._data_parallel()
+        self._train_sampler = ResumableDistributedSampler(
+            view, self._modality_lengths(self.train_indices), self.batch_size, world, rank,
+            seed=self._shuffle_seed(), group_by_length=self.group_by_length,
+        )
+        if self._resume is not None:
+            self._train_sampler.resume(*self._resume)
         return DataLoader(
             view,
             batch_size=self.batch_size,
-            sampler=sampler,
+            sampler=self._train_sampler,
             num_workers=self.num_workers,
             collate_fn=LlavaCollator(self._pad_id()),
             persistent_workers=False,
         )
 
+    def _data_parallel(self) -> tuple[int, int]:
+        """(processes, this one's rank) among those that split the training data."""
+        kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) if self.trainer else None
+        if not kwargs:
+            return 1, 0
+        return int(kwargs["num_replicas"]), int(kwargs["rank"])
+
+    def padding_efficiency(self) -> float:
+        """Real / padded tokens over every process's training batches of the first epoch."""
+        world, _ = self._data_parallel()
+        lengths = self._modality_lengths(self.train_indices)
+        plan = epoch_plan(lengths, self.batch_size, world, self._shuffle_seed(), 0, self.group_by_length)
+        return padding_efficiency([b for r in range(world) for b in rank_batches(plan, world, r)], lengths)
+
     def _shuffle_seed(self) -> int:
+        if self._order_seed is not None:  # restored from a checkpoint: the interrupted run's order
+            return self._order_seed
         if self.shuffle_seed is not None:
             return self.shuffle_seed
         run_seed = os.environ.get("PL_GLOBAL_SEED")  # set by seed_everything, also in spawned processes
@@ -378,14 +384,10 @@ class LlavaDataModule(L.LightningDataModule):
         return "token_f1"
 
     def _modality_lengths(self, indices: np.ndarray) -> np.ndarray:
-        # LLaVA's cheap length proxy: word count, negative for text-only records.
+        # LLaVA's modality lengths, in tokens: negative for text-only records.
         pool = self._require_pool()
-        out = np.empty(len(indices), dtype=np.int64)
-        for k, i in enumerate(indices):
-            record = pool.records[int(i)]
-            words = sum(len(t["value"].split()) for t in record["conversations"])
-            out[k] = words if record.get("image") is not None else -words
-        return out
+        lengths = pool.lengths[indices]
+        return np.where(pool.has_image[indices], lengths, -lengths)
 
     def _pad_id(self) -> int:
         tokenizer = self.processor.tokenizer
@@ -397,52 +399,37 @@ class LlavaDataModule(L.LightningDataModule):
         return self.pool
 
     def state_dict(self) -> dict:
-        """The current training multiset, so a resumed run serves the same examples."""
-        return {"train_indices": None if self.train_indices is None else self.train_indices.tolist()}
+        """The training multiset and where the training order stands, so a resumed fit continues it exactly."""
+        state: dict[str, Any] = {"train_indices": None if self.train_indices is None else self.train_indices.tolist()}
+        trainer = self.trainer
+        if trainer is not None and self.pool is not None:
+            epoch = trainer.current_epoch
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            sampler = getattr(self, "_train_sampler", None)
+            if sampler is not None and done >= sampler.num_batches:  # saved at an epoch's end
+                epoch, done = epoch + 1, 0
+            state["order"] = {"seed": self._shuffle_seed(), "epoch": int(epoch), "batches_done": int(done)}
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore the training multiset."""
+        """Restore the training multiset and the training order's position."""
         if state_dict.get("train_indices") is not None:
             self.train_indices = np.asarray(state_dict["train_indices"], dtype=np.int64)
-
-
-class ModalityLengthGroupedSampler(Sampler[int]):
-    """Batches of one modality and similar length (LLaVA's `group_by_modality_length`), shuffled and seeded."""
-
-    def __init__(self, lengths: np.ndarray, batch_size: int, generator: torch.Generator, megabatch_factor: int = 50):
-        self.lengths, self.batch_size, self.generator = np.asarray(lengths), batch_size, generator
-        self.megabatch = batch_size * megabatch_factor
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self):
-        batches: list[np.ndarray] = []
-        for modality in (self.lengths > 0, self.lengths <= 0):
-            members = np.nonzero(modality)[0]
-            order = members[torch.randperm(len(members), generator=self.generator).numpy()]
-            for start in range(0, len(order), self.megabatch):
-                mega = order[start : start + self.megabatch]
-                mega = mega[np.argsort(-np.abs(self.lengths[mega]), kind="stable")]
-                batches.extend(mega[i : i + self.batch_size] for i in range(0, len(mega), self.batch_size))
-        for b in torch.randperm(len(batches), generator=self.generator).tolist():
-            yield from batches[b].tolist()
-
-
-def _subset(pool: Pool, keep: np.ndarray) -> Pool:
-    return Pool(
-        records=[pool.records[i] for i in keep],
-        positions=pool.positions[keep],
-        task_ids=pool.task_ids[keep],
-        task_names=pool.task_names,
-        source=pool.source,
-    )
+        order = state_dict.get("order")
+        if order is not None:
+            self._order_seed = int(order["seed"])
+            self._resume = (int(order["epoch"]), int(order["batches_done"]))
+            # A strategy that restores after set-up (ModelParallelStrategy) built the loader already.
+            sampler = getattr(self, "_train_sampler", None)
+            if sampler is not None:
+                sampler.seed = self._order_seed
+                sampler.resume(*self._resume)
 
 
 def _relabel(pool: Pool, names: list[str]) -> Pool:
     index = {name: i for i, name in enumerate(names)}
     remap = np.array([index[n] for n in pool.task_names], dtype=np.int64)
-    return Pool(pool.records, pool.positions, remap[pool.task_ids] if len(pool) else pool.task_ids, names, pool.source)
+    return Pool(pool.index, pool.rows, remap[pool.task_ids] if len(pool) else pool.task_ids, names)
 
 
 def _cap_per_task(pool: Pool, cap: int, seed: int) -> Pool:
@@ -451,4 +438,4 @@ def _cap_per_task(pool: Pool, cap: int, seed: int) -> Pool:
     for task_id in range(len(pool.task_names)):
         members = np.nonzero(pool.task_ids == task_id)[0]
         keep.extend(members if len(members) <= cap else np.sort(rng.choice(members, cap, replace=False)))
-    return _subset(pool, np.sort(np.asarray(keep, dtype=np.int64)))
+    return pool.subset(np.sort(np.asarray(keep, dtype=np.int64)))

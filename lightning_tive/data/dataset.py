@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -12,6 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lightning_tive.data.images import ImageTransform
+from lightning_tive.data.index import DataIndex
 from lightning_tive.data.records import BadRecordError, BadRecordPolicy, SkipLog
 from lightning_tive.data.template import (
     IGNORE_INDEX,
@@ -21,27 +24,75 @@ from lightning_tive.data.template import (
 )
 
 
-@dataclass
-class Pool:
-    """Valid records in pool order: pool index i is `records[i]`, with its source position and task."""
+class Records(Sequence):
+    """The records of a pool, parsed from its index on demand (pool order)."""
 
-    records: list[dict]
-    positions: np.ndarray  # int64 position of each record in its source file
-    task_ids: np.ndarray  # int64 index into `task_names`
-    task_names: list[str]
-    source: str = ""
+    def __init__(self, index: DataIndex, rows: np.ndarray) -> None:
+        self.index, self.rows = index, rows
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:  # type: ignore[override]
+        return self.index.record(int(self.rows[i]))
+
+
+@dataclass
+class Pool:
+    """Valid examples in pool order: pool index i is row `rows[i]` of a DataIndex, with its task."""
+
+    index: DataIndex
+    rows: np.ndarray  # int64 index row of each pool example
+    task_ids: np.ndarray  # int64 index into `task_names`
+    task_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def records(self) -> Records:
+        """The records, in pool order (parsed when read)."""
+        return Records(self.index, self.rows)
+
+    @property
+    def positions(self) -> np.ndarray:
+        """Each example's position in its source file."""
+        return np.asarray(self.index.positions[self.rows])
+
+    @property
+    def source(self) -> str:
+        """The record file."""
+        return self.index.source
 
     @property
     def ids(self) -> list[Any]:
         """The records' `id` fields, in pool order."""
         return [r.get("id") for r in self.records]
 
+    @property
+    def lengths(self) -> np.ndarray:
+        """Each example's encoded length in tokens (image tokens included)."""
+        return np.asarray(self.index.lengths[self.rows], dtype=np.int64)
+
+    @property
+    def has_image(self) -> np.ndarray:
+        """Whether each example has an image."""
+        return np.asarray(self.index.has_image[self.rows])
+
     def task_of(self, index: int) -> str:
         """Task name of a pool index."""
         return self.task_names[int(self.task_ids[index])]
+
+    def subset(self, keep: np.ndarray) -> Pool:
+        """The examples at positions `keep`, in that order."""
+        return Pool(self.index, self.rows[keep], self.task_ids[keep], self.task_names)
+
+    def digest(self) -> str:
+        """A digest of the records (their content) and tasks, in pool order."""
+        digest = hashlib.sha256(json.dumps(self.task_names).encode())
+        digest.update(np.ascontiguousarray(self.index.digests[self.rows]).tobytes())
+        digest.update(np.ascontiguousarray(self.task_ids, dtype=np.int64).tobytes())
+        return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -95,11 +146,23 @@ class LlavaDataset(Dataset):
         self.skip_log.write(record.get("id"), position, reason, stage="load")
         return {"skipped": True, "pool_index": index}
 
+    def _encode(self, index: int, record: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | ValueError:
+        """(input_ids, labels, prompt_ids): from the index's cached tokens, or encoded now for prompts."""
+        if not self.with_prompts:
+            encoder = self.encoder
+            ids, labels = self.pool.index.encoded(int(self.pool.rows[index]), encoder.num_image_tokens, encoder.image_token_id)
+            return ids, labels, None
+        encoded = self.encoder.encode([record], with_prompts=True)[0]
+        if isinstance(encoded, ValueError):
+            return encoded
+        return encoded.input_ids, encoded.labels, encoded.prompt_ids
+
     def __getitem__(self, index: int) -> dict:
         record = self.pool.records[index]
-        encoded = self.encoder.encode([record], with_prompts=self.with_prompts)[0]
+        encoded = self._encode(index, record)
         if isinstance(encoded, ValueError):
             return self._bad(index, str(encoded))
+        input_ids, labels, prompt_ids = encoded
         pixel_values = None
         if record.get("image") is not None:
             try:
@@ -108,15 +171,15 @@ class LlavaDataset(Dataset):
                 return self._bad(index, f"image {record['image']!r} is missing or unreadable ({err})")
         last_answer = record["conversations"][-1]["value"]
         item = {
-            "input_ids": torch.from_numpy(encoded.input_ids),
-            "labels": torch.from_numpy(encoded.labels),
+            "input_ids": torch.from_numpy(input_ids),
+            "labels": torch.from_numpy(labels),
             "pixel_values": pixel_values,
             "pool_index": index,
             "task_id": int(self.pool.task_ids[index]),
             "answer": last_answer,
         }
         if self.with_prompts:
-            item["prompt_ids"] = None if encoded.prompt_ids is None else torch.from_numpy(encoded.prompt_ids)
+            item["prompt_ids"] = None if prompt_ids is None else torch.from_numpy(prompt_ids)
         return item
 
 
