@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -115,6 +116,11 @@ class TIVESelectionCallback(Callback):
             result = select_subset(self.config, datamodule, values)
             timings["selection_s"] = time.perf_counter() - clock + timings.pop("values_s", 0.0)
             summary = report.summary(self.config, datamodule, result, timings, run["feature_settings"])
+            summary["padding_efficiency"] = {
+                "valuation": run["valuation_padding"],
+                "training": datamodule.padding_efficiency(result.selected_indices)
+                if hasattr(datamodule, "padding_efficiency") else None,
+            }
             payload = (result.selected_indices.tolist(), summary)
         else:
             payload = None
@@ -137,7 +143,7 @@ class TIVESelectionCallback(Callback):
         """Pool-ordered per-example values (norms, instance values, losses, tokens, finite flags); None
         on processes other than 0 when they come from `features_from`."""
         pool, task_ids = datamodule.pool_size, np.asarray(datamodule.pool_task_ids)
-        run = {"adapter_sha256": None, "valued_now": 0, "feature_settings": None}
+        run = {"adapter_sha256": None, "valued_now": 0, "feature_settings": None, "valuation_padding": None}
         if not self.config.needs_gradients:
             nan = np.full(pool, np.nan)
             values = {"norms": nan, "u": nan, "loss": nan, "tokens": nan, "finite": np.ones(pool, dtype=bool)}
@@ -152,6 +158,8 @@ class TIVESelectionCallback(Callback):
             valuation = ReferencePhases(self.config, trainer, module, datamodule).run(out)
             source, indices, timings = valuation.store, valuation.indices, valuation.timings
             run.update(adapter_sha256=valuation.adapter_sha256, valued_now=valuation.valued_now)
+            tokens = comm.sum(torch.tensor([valuation.padding["real"], valuation.padding["padded"]], dtype=torch.float64))
+            run["valuation_padding"] = float(tokens[0] / tokens[1]) if tokens[1] > 0 else None
         clock = time.perf_counter()
         columns = {"norms": source.read_norms(), "loss": source.read_column("loss"), "tokens": source.read_column("tokens")}
         # Each process passes its own rows; the per-task sums of the first pass are summed over processes.

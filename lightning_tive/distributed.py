@@ -7,11 +7,28 @@ root device for the collective and back to where it came from. With one process 
 from __future__ import annotations
 
 import hashlib
+import itertools
+import time
+from collections import defaultdict
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+
+# Calls of `wait_for_all` per name, in this process: every process makes the same calls in the same order.
+_WAITS: defaultdict[str, itertools.count] = defaultdict(itertools.count)
+
+
+def _default_store() -> Any:
+    """The default process group's key-value store (the TCPStore of env:// rendezvous), or None."""
+    from torch.distributed import distributed_c10d
+
+    try:
+        return distributed_c10d._get_default_store()
+    except (RuntimeError, ValueError, AttributeError):
+        return None
 
 
 class Collectives:
@@ -102,6 +119,31 @@ class Collectives:
             self.strategy.barrier(name)
         elif self.distributed:
             dist.barrier()
+
+    def wait_for_all(self, name: str, what: str = "arrive", poll_s: float = 0.5, report_every_s: float = 60.0) -> None:
+        """Wait until every process reaches `name`, without holding a collective open meanwhile.
+
+        A barrier is a collective: under NCCL, a process that waits in one longer than the process
+        group's timeout (30 minutes by default) aborts the run. Here each process adds 1 to a counter in
+        the process group's key-value store and polls it, so the wait may last as long as the slowest
+        process needs; a barrier follows once all are there (it returns at once).
+        """
+        if not self.distributed:
+            return
+        store = _default_store() if self.group is None else None
+        if store is not None:
+            key = f"lightning_tive/wait/{name}/{next(_WAITS[name])}"
+            arrived, start, reported = store.add(key, 1), time.monotonic(), time.monotonic()
+            while arrived < self.world_size:
+                time.sleep(poll_s)
+                arrived = store.add(key, 0)
+                if self.rank == 0 and time.monotonic() - reported >= report_every_s:
+                    reported = time.monotonic()
+                    print(
+                        f"[tive] waiting {reported - start:.0f} s for {self.world_size - arrived} of {self.world_size} "
+                        f"processes to {what}", flush=True,
+                    )
+        self.barrier(name)
 
     def same_everywhere(self, array: np.ndarray, what: str) -> str:
         """Refuse to go on unless every process holds the identical array; returns its digest."""

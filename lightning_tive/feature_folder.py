@@ -18,6 +18,7 @@ import numpy as np
 
 from lightning_tive.tive.store import (
     INDICES,
+    SHARD_LAYOUT,
     SHARDS,
     FeatureStore,
     ShardedFeatures,
@@ -59,10 +60,17 @@ def pool_fingerprint(datamodule: Any) -> str:
 
 
 def check_layout(folder: Path, world: int) -> None:
-    """Refuse to mix features written by a different number of processes into this run."""
+    """Refuse to mix features written by a different number of processes, or another shard layout, into this run."""
     written = None
     if (folder / SHARDS).exists():
-        written = json.loads((folder / SHARDS).read_text())["world_size"]
+        spec = json.loads((folder / SHARDS).read_text())
+        written = spec["world_size"]
+        if written == world and spec.get("layout") != SHARD_LAYOUT:
+            raise RuntimeError(
+                f"{folder} holds features sharded by an older layout ({spec.get('layout', 'whole chunks')}); this "
+                f"version deals the pool as {SHARD_LAYOUT!r}. Re-select from it with `tive.features_from: {folder}`, "
+                "or value again into another `tive.output_dir`."
+            )
     elif (folder / FeatureStore.META).exists():
         written = 1
     if written is not None and written != world:
@@ -75,11 +83,13 @@ def check_layout(folder: Path, world: int) -> None:
 
 def open_process_store(
     folder: Path, pool_size: int, chunk_size: int, world: int, rank: int, proj_dim: int, dtype: str,
-    fingerprint: dict, is_global_zero: bool, barrier: Any,
+    fingerprint: dict, is_global_zero: bool, barrier: Any, lengths: np.ndarray | None = None,
 ) -> tuple[FeatureStore, np.ndarray]:
     """This process's store (created or resumed) and the pool index of each of its rows.
 
-    A rank with no chunk gets an empty shard: it joins every collective with nothing to value.
+    Shards are balanced by examples and, with `lengths`, by tokens (`shard_indices`). A process with
+    no example (a pool smaller than the processes) gets an empty shard: it joins every collective
+    with nothing to value.
     """
     check_layout(folder, world)
     if world > 1:
@@ -88,12 +98,18 @@ def open_process_store(
             write_shard_index(folder, pool_size, chunk_size, world)
         barrier("tive-shard-index")
         folder = folder / shard_name(world, rank)
-    indices = shard_indices(pool_size, chunk_size, world, rank)
+    indices = shard_indices(pool_size, world, rank, lengths)
     store = FeatureStore(
         folder, len(indices), proj_dim, dtype=dtype, chunk_size=chunk_size,
         extra={**fingerprint, "world_size": world, "rank": rank},
     )
-    np.save(folder / INDICES, indices)
+    saved = folder / INDICES
+    if saved.exists() and not np.array_equal(np.load(saved), indices):
+        raise RuntimeError(
+            f"{folder} was written for other pool indices than this process values now (the examples' lengths "
+            "changed?); value again into another `tive.output_dir`"
+        )
+    np.save(saved, indices)
     return store, indices
 
 

@@ -55,6 +55,7 @@ class Valuation:
     adapter_sha256: str | None  # the reference model the features come from
     valued_now: int  # examples valued by this run (fewer after a resume)
     timings: dict[str, float]
+    padding: dict[str, int]  # real and padded tokens of this process's valuation batches
 
 
 class ReferencePhases:
@@ -65,6 +66,10 @@ class ReferencePhases:
         self.comm = Collectives.of(trainer)
         self.sharded = is_sharded(trainer.strategy)
         self._spare: dict | None = None  # a loaded batch, for a sharded process with nothing to run
+        # Tokens per pool example when the DataModule knows them: balanced shards, length-sorted batches.
+        lengths = getattr(datamodule, "pool_lengths", None)
+        self.lengths = None if lengths is None else np.abs(np.asarray(lengths, dtype=np.int64))
+        self.padding = {"real": 0, "padded": 0}  # tokens in this process's valuation batches
 
     # ---------------------------------------------------------------- the run
     def run(self, out: Path) -> Valuation:
@@ -77,7 +82,7 @@ class ReferencePhases:
             store, indices = open_process_store(
                 out / "features", self.datamodule.pool_size, config.chunk_size, self.comm.world_size, self.comm.rank,
                 projector.proj_dim, config.feature_dtype, self.fingerprint(projector), trainer.is_global_zero,
-                self.comm.barrier,
+                self.comm.barrier, self.lengths,
             )
             adapter_file = out / ADAPTER_FILE
             needs_valuation = self.comm.any(bool(store.missing_chunks()))
@@ -102,7 +107,7 @@ class ReferencePhases:
             clock = time.perf_counter()
             valued = self.value(layers, projector, store, indices)
             timings["valuation_s"] = time.perf_counter() - clock
-        return Valuation(store, indices, digest, valued, timings)
+        return Valuation(store, indices, digest, valued, timings, self.padding)
 
     def projector(self, layers: list) -> Projector:
         """The configured projector for the feature layers (`identity` keeps the adapter's full size)."""
@@ -288,7 +293,9 @@ class ReferencePhases:
             if record is not None:
                 record(grads)
         bar.close()
-        self.comm.barrier("tive-valuation")
+        # Not a barrier: a process that finished early would hold a collective open (NCCL's timeout
+        # counts from there) while the last one still values its share.
+        self.comm.wait_for_all("tive-valuation", what="finish valuation")
         if not store.is_complete():
             raise RuntimeError(f"feature store {store.folder} is incomplete after valuation: {store.missing_chunks()[:5]}")
         return total  # every missing chunk was written (checked above)
@@ -304,6 +311,12 @@ class ReferencePhases:
             start, stop = store.chunk_range(chunk)
             pool_indices = indices[start:stop]
             position = {int(p): k for k, p in enumerate(pool_indices)}
+            if self.lengths is not None:  # batches of similar length: little padding
+                pool_indices = pool_indices[np.argsort(-self.lengths[pool_indices], kind="stable")]
+                for k in range(0, len(pool_indices), batch_size):
+                    batch_lengths = self.lengths[pool_indices[k : k + batch_size]]
+                    self.padding["real"] += int(batch_lengths.sum())
+                    self.padding["padded"] += len(batch_lengths) * int(batch_lengths.max())
             features = np.zeros((stop - start, store.proj_dim), dtype=np.float32)
             norms = np.full(stop - start, np.nan, dtype=np.float32)  # stays NaN for a record skipped as bad
             losses, tokens, lengths = (np.full_like(norms, np.nan) for _ in range(3))

@@ -256,6 +256,11 @@ class LlavaDataModule(L.LightningDataModule):
         """A digest of the pool's records and tasks, in pool order (the feature store's fingerprint)."""
         return self._require_pool().digest()
 
+    @property
+    def pool_lengths(self) -> np.ndarray:
+        """Tokens per pool example (image tokens included): balanced valuation shards, length-sorted batches."""
+        return self._require_pool().lengths
+
     def pool_record(self, index: int) -> dict:
         """The LLaVA record at a pool index, with its task filled in."""
         pool = self._require_pool()
@@ -332,10 +337,10 @@ class LlavaDataModule(L.LightningDataModule):
             return 1, 0
         return int(kwargs["num_replicas"]), int(kwargs["rank"])
 
-    def padding_efficiency(self) -> float:
-        """Real / padded tokens over every process's training batches of the first epoch."""
+    def padding_efficiency(self, indices: Sequence[int] | None = None) -> float:
+        """Real / padded tokens over every process's training batches of the first epoch (default: `train_indices`)."""
         world, _ = self._data_parallel()
-        lengths = self._modality_lengths(self.train_indices)
+        lengths = self._modality_lengths(np.asarray(self.train_indices if indices is None else indices, dtype=np.int64))
         plan = epoch_plan(lengths, self.batch_size, world, self._shuffle_seed(), 0, self.group_by_length)
         return padding_efficiency([b for r in range(world) for b in rank_batches(plan, world, r)], lengths)
 

@@ -344,13 +344,26 @@ SHARDS = "shards.json"
 INDICES = "indices.npy"
 
 
-def shard_indices(pool_size: int, chunk_size: int, world_size: int, rank: int) -> np.ndarray:
-    """Pool indices one process values: pool chunks ``rank, rank + world, ...`` in order."""
+def shard_indices(pool_size: int, world_size: int, rank: int, lengths: np.ndarray | None = None) -> np.ndarray:
+    """Pool indices one process values, in the order it values them: an equal share of the examples (±1).
+
+    Without lengths, or with one process, the pool is dealt round-robin (ascending). With lengths (tokens per example),
+    examples are dealt in order of decreasing length, snaking over the processes (0..W-1, W-1..0, ...):
+    every share holds about as many tokens (no process waits long for another at the end), and each
+    share comes longest first, so consecutive rows (a chunk, a batch) have similar lengths, and the
+    processes' batches of one step too (FSDP runs them in lockstep).
+    """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside [0, {world_size})")
-    chunks = range(rank, -(-pool_size // chunk_size), world_size)
-    parts = [np.arange(c * chunk_size, min((c + 1) * chunk_size, pool_size)) for c in chunks]
-    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+    if lengths is None or world_size == 1:  # one process writes row i = pool index i
+        return np.arange(rank, pool_size, world_size, dtype=np.int64)
+    lengths = np.abs(np.asarray(lengths))
+    if len(lengths) != pool_size:
+        raise ValueError(f"{len(lengths)} lengths for a pool of {pool_size} examples")
+    order = np.argsort(-lengths, kind="stable")
+    turn = np.arange(pool_size) % world_size
+    snake = np.where((np.arange(pool_size) // world_size) % 2 == 0, turn, world_size - 1 - turn)
+    return order[snake == rank].astype(np.int64)
 
 
 def shard_name(world_size: int, rank: int) -> str:
@@ -358,10 +371,14 @@ def shard_name(world_size: int, rank: int) -> str:
     return f"rank-{rank:05d}-of-{world_size:05d}"
 
 
+SHARD_LAYOUT = "balanced-v1"  # how `shard_indices` deals the pool (older runs dealt whole chunks)
+
+
 def write_shard_index(folder: str | os.PathLike, pool_size: int, chunk_size: int, world_size: int) -> None:
     """`shards.json`: which shard folders make up a pool's features (each has its own `indices.npy`)."""
     payload = {
         "format": FORMAT,
+        "layout": SHARD_LAYOUT,
         "pool_size": int(pool_size),
         "chunk_size": int(chunk_size),
         "world_size": int(world_size),

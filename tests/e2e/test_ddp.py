@@ -13,7 +13,7 @@ from parity import assert_same_selection, forget_last_chunks, smoke_fit, tive_ov
 pytestmark = pytest.mark.slow
 
 
-def run(tmp: Path, devices: int, extra: str = "", chunk_size: int = 32) -> subprocess.CompletedProcess:
+def run(tmp: Path, devices: int, extra: str = "", chunk_size: int = 32, **fit_options) -> subprocess.CompletedProcess:
     # validation on: every process computes every task's metric (a collective) whatever it saw
     trainer = f"""
 trainer:
@@ -29,7 +29,7 @@ trainer:
         tmp.mkdir(parents=True, exist_ok=True)
         (tmp / "extra.yaml").write_text(extra)
         more = ["--config", str(tmp / "extra.yaml")]
-    return smoke_fit(tmp, trainer + tive_overlay(tmp, chunk_size), *more)
+    return smoke_fit(tmp, trainer + tive_overlay(tmp, chunk_size), *more, **fit_options)
 
 
 @pytest.fixture(scope="module")
@@ -80,26 +80,36 @@ def test_resumed_two_process_run_continues_from_its_shards(runs):
     assert after["tasks"] == before["tasks"]
 
 
-def test_a_process_without_a_chunk_of_the_pool_takes_part_in_every_step(tmp_path):
-    """2 processes, chunks of 1,024 over the 270-example smoke pool: the second values nothing."""
-    run(tmp_path, 2, chunk_size=1024)
-    folder = tmp_path / "tive" / "features"
+def test_shards_are_balanced_by_examples_and_tokens(runs):
+    """The 270-example smoke pool over 2 processes: 135 examples each, tokens within one example's length."""
+    _, two = runs
+    folder = two / "tive" / "features"
     spec = json.loads((folder / "shards.json").read_text())
-    sizes = [len(np.load(folder / name / "indices.npy")) for name in spec["shards"]]
-    assert sizes == [270, 0]
-    ranks = [json.loads(p.read_text()) for p in sorted((tmp_path / "tive" / "ranks").glob("rank-*.json"))]
-    assert [r["valued_this_run"] for r in ranks] == [270, 0] and len({r["selection_sha256"] for r in ranks}) == 1
-    assert len(json.loads((tmp_path / "tive" / "subset.json").read_text())) == round(0.15 * 270)
+    shards = [np.load(folder / name / "indices.npy") for name in spec["shards"]]
+    assert [len(s) for s in shards] == [135, 135]
+    tokens = [np.load(folder / name / "tokens.npy") for name in spec["shards"]]  # supervised tokens, a proxy
+    assert abs(tokens[0].sum() - tokens[1].sum()) <= 0.05 * tokens[0].sum()
+    summary = json.loads((two / "tive" / "summary.json").read_text())
+    assert summary["padding_efficiency"]["valuation"] > 0.95  # length-sorted valuation batches
 
 
-def test_three_processes_on_a_five_example_pool(tmp_path):
+def test_a_straggling_process_does_not_time_out_the_others(tmp_path):
+    """Process 1 starts valuing 8 s late while the collective timeout is 3 s: the others wait without a collective."""
+    done = run(tmp_path, 2, extra="tive:\n  stop_after_selection: true\n", entry=("tests/e2e/straggler.py",),
+               env={"LIGHTNING_TIVE_TEST_STRAGGLER_S": "8"}, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert (tmp_path / "tive" / "subset.json").exists()
+
+
+def test_three_processes_on_a_two_example_pool(tmp_path):
+    """One process has no example to value: it still takes part in every collective."""
     tiny_pool = """
 data:
   demo:
-    train_sizes: {color: 2, shape: 2, text: 1}
+    train_sizes: {color: 1, text: 1}
     val_size: 2
 tive:
-  ratio: 0.6
+  ratio: 1.0
   warmup_ratio: 1.0
   chunk_size: 1
 """
@@ -107,5 +117,6 @@ tive:
     folder = tmp_path / "tive" / "features"
     spec = json.loads((folder / "shards.json").read_text())
     together = sorted(np.concatenate([np.load(folder / name / "indices.npy") for name in spec["shards"]]).tolist())
-    assert together == [0, 1, 2, 3, 4]
-    assert len(json.loads((tmp_path / "tive" / "subset.json").read_text())) == 3
+    assert together == [0, 1]
+    assert [len(np.load(folder / name / "indices.npy")) for name in spec["shards"]] == [1, 1, 0]
+    assert len(json.loads((tmp_path / "tive" / "subset.json").read_text())) == 2

@@ -198,3 +198,27 @@ def test_an_empty_store_is_complete_and_reads_as_no_rows(tmp_path):
     assert u.shape == (0,) and finite.shape == (0,)
     with pytest.raises(ValueError, match="non-negative"):
         FeatureStore(tmp_path / "bad", -1, DIM)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_shards_split_examples_and_tokens_evenly(world, with_lengths):
+    from lightning_tive.tive.store import shard_indices
+
+    rng = np.random.default_rng(0)
+    lengths = np.where(rng.random(1001) < 0.1, rng.integers(100, 2048, 1001), rng.integers(600, 900, 1001))
+    shards = [shard_indices(1001, world, r, lengths if with_lengths else None) for r in range(world)]
+    assert sorted(np.concatenate(shards).tolist()) == list(range(1001))
+    if with_lengths and world > 1:  # longest first: consecutive rows (chunks, batches) of similar length
+        assert all((np.diff(lengths[s]) <= 0).all() for s in shards)
+    else:
+        assert all((np.diff(s) > 0).all() for s in shards)
+    sizes = [len(s) for s in shards]
+    assert max(sizes) - min(sizes) <= 1
+    if with_lengths:
+        # every process's share of the tokens is within one longest example of the others'
+        tokens = [int(lengths[s].sum()) for s in shards]
+        assert max(tokens) - min(tokens) <= lengths.max()
+    if world == 1:
+        assert shards[0].tolist() == list(range(1001))  # one process: row i is pool index i
+    assert shard_indices(2, 3, 2, lengths[:2] if with_lengths else None).tolist() == []  # fewer examples than processes
