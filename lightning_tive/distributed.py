@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-
 # Calls of `wait_for_all` per name, in this process: every process makes the same calls in the same order.
 _WAITS: defaultdict[str, itertools.count] = defaultdict(itertools.count)
 

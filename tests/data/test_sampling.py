@@ -7,7 +7,12 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from lightning_tive.data.sampling import ResumableDistributedSampler, epoch_plan, padding_efficiency, rank_batches
+from lightning_tive.data.sampling import (
+    ResumableDistributedSampler,
+    epoch_plan,
+    padding_efficiency,
+    rank_batches,
+)
 
 
 def lengths_of(n: int, seed: int = 0) -> np.ndarray:
