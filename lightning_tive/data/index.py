@@ -10,11 +10,11 @@ pool's fingerprint comes from per-record digests instead of dumping every record
 
 Files of an index folder (n = records that passed every check, in file order):
 - `meta.json`: the key, the task labels, counts, timings; written last (it marks a complete folder);
-- `records.bin` + `record_offsets.npy` [n+1]: each record's JSON text;
+- `records.bin` + `record_offsets.npy` [n+1]: each record's JSON text (UTF-8);
 - `positions.npy` [n]: its position in the source file; `labels.npy` [n]: index into meta's labels;
 - `digests.npy` [n, 16]: a digest of each record's canonical JSON (the pool fingerprint's input);
-- `tokens.npy` + `token_offsets.npy` [n+1], `supervised.npy`: token ids with each image's block
-  collapsed to one token, and which of them are supervised;
+- `tokens.bin` (int32) + `token_offsets.npy` [n+1], `supervised.bin` (uint8): token ids with each
+  image's block collapsed to one token, and which of them are supervised;
 - `lengths.npy` [n]: the encoded length (image tokens expanded); `has_image.npy` [n];
 - `problems.jsonl`: the records left out, `{"position", "id", "reason"}`, in file order.
 """
@@ -135,19 +135,30 @@ def _write_index(folder: Path, spec: IndexSpec, key: dict, encode: Callable, lab
             problems[position] = (record_id(record, position), reason)
     checked = time.perf_counter()
 
-    kept, encoded = [], []
-    for start_at in range(0, len(valid), ENCODE_BATCH):
-        chunk = valid[start_at : start_at + ENCODE_BATCH]
-        for position, result in zip(chunk, encode([records[p] for p in chunk]), strict=True):
-            if isinstance(result, Exception):
-                problems[position] = (record_id(records[position], position), str(result))
-            else:
+    # Streamed to disk batch by batch: encoded examples of 665K records would not fit in memory at once.
+    kept: list[int] = []
+    lengths, images, token_counts, text_sizes = [], [], [], []
+    with open(folder / "tokens.bin", "wb") as tokens, open(folder / "supervised.bin", "wb") as supervised, \
+            open(folder / "records.bin", "wb") as texts:
+        for start_at in range(0, len(valid), ENCODE_BATCH):
+            chunk = valid[start_at : start_at + ENCODE_BATCH]
+            for position, result in zip(chunk, encode([records[p] for p in chunk]), strict=True):
+                if isinstance(result, Exception):
+                    problems[position] = (record_id(records[position], position), str(result))
+                    continue
+                compact, mask = collapse_image_block(result.input_ids, result.labels, spec.image_token_id)
+                tokens.write(compact.astype(np.int32).tobytes())
+                supervised.write(mask.astype(np.uint8).tobytes())
+                text = json.dumps(records[position], ensure_ascii=False).encode()
+                texts.write(text)
                 kept.append(position)
-                encoded.append(result)
+                lengths.append(len(result.input_ids))
+                images.append(bool((compact == spec.image_token_id).any()))
+                token_counts.append(len(compact))
+                text_sizes.append(len(text))
     tokenised = time.perf_counter()
-
-    texts = [json.dumps(records[p], ensure_ascii=False).encode() for p in kept]
-    _save_ragged(folder, "records.bin", "record_offsets.npy", texts)
+    np.save(folder / "token_offsets.npy", _offsets(token_counts))
+    np.save(folder / "record_offsets.npy", _offsets(text_sizes))
     np.save(folder / "positions.npy", np.asarray(kept, dtype=np.int64))
     names = [label(records[p]) for p in kept]
     labels = sorted(set(names))
@@ -155,18 +166,6 @@ def _write_index(folder: Path, spec: IndexSpec, key: dict, encode: Callable, lab
     np.save(folder / "labels.npy", np.fromiter((lookup[n] for n in names), dtype=np.int32, count=len(names)))
     digests = np.frombuffer(b"".join(record_digest(records[p]) for p in kept), dtype=np.uint8)
     np.save(folder / "digests.npy", digests.reshape(len(kept), 16))
-    ids, masks, lengths, images = [], [], [], []
-    for example in encoded:
-        compact, supervised = collapse_image_block(example.input_ids, example.labels, spec.image_token_id)
-        ids.append(compact.astype(np.int32))
-        masks.append(supervised)
-        lengths.append(len(example.input_ids))
-        images.append(bool((compact == spec.image_token_id).any()))
-    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
-    np.cumsum([len(t) for t in ids], out=offsets[1:])
-    np.save(folder / "tokens.npy", np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32))
-    np.save(folder / "supervised.npy", np.concatenate(masks) if masks else np.zeros(0, dtype=bool))
-    np.save(folder / "token_offsets.npy", offsets)
     np.save(folder / "lengths.npy", np.asarray(lengths, dtype=np.int32))
     np.save(folder / "has_image.npy", np.asarray(images, dtype=bool))
     lines = [json.dumps({"position": p, "id": problems[p][0], "reason": problems[p][1]}, default=str) for p in sorted(problems)]
@@ -189,13 +188,15 @@ def collapse_image_block(ids: np.ndarray, labels: np.ndarray, image_token_id: in
     return ids[keep], supervised[keep]
 
 
-def _save_ragged(folder: Path, data_name: str, offsets_name: str, items: list[bytes]) -> None:
-    offsets = np.zeros(len(items) + 1, dtype=np.int64)
-    np.cumsum([len(b) for b in items], out=offsets[1:])
-    with open(folder / data_name, "wb") as f:
-        for item in items:
-            f.write(item)
-    np.save(folder / offsets_name, offsets)
+def _offsets(sizes: list[int]) -> np.ndarray:
+    offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    return offsets
+
+
+def _map(path: Path, dtype: Any) -> np.ndarray:
+    """A read-only map of a flat binary file (an empty array for an empty file, which mmap refuses)."""
+    return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype=dtype)
 
 
 class DataIndex:
@@ -209,13 +210,12 @@ class DataIndex:
     def _open(self) -> None:
         load = lambda name: np.load(self.folder / name, mmap_mode="r")  # noqa: E731
         self.record_offsets = load("record_offsets.npy")
-        size = int(self.record_offsets[-1])
-        self._records = np.memmap(self.folder / "records.bin", dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+        self._records = _map(self.folder / "records.bin", np.uint8)
         self.positions = load("positions.npy")
         self.label_ids = load("labels.npy")
         self.digests = load("digests.npy")
-        self.tokens = load("tokens.npy")
-        self.supervised = load("supervised.npy")
+        self.tokens = _map(self.folder / "tokens.bin", np.int32)
+        self.supervised = _map(self.folder / "supervised.bin", np.uint8)
         self.token_offsets = load("token_offsets.npy")
         self.lengths = load("lengths.npy")
         self.has_image = load("has_image.npy")
@@ -249,7 +249,7 @@ class DataIndex:
         """(input_ids, labels) of `row` as the encoder gave them: each image token expanded again."""
         start, stop = int(self.token_offsets[row]), int(self.token_offsets[row + 1])
         ids = np.asarray(self.tokens[start:stop], dtype=np.int64)
-        supervised = np.asarray(self.supervised[start:stop])
+        supervised = np.asarray(self.supervised[start:stop], dtype=bool)
         repeat = np.where(ids == image_token_id, num_image_tokens, 1)
         ids, supervised = np.repeat(ids, repeat), np.repeat(supervised, repeat)
         return ids, np.where(supervised, ids, IGNORE_INDEX)
