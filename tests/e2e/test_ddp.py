@@ -95,7 +95,7 @@ def test_shards_are_balanced_by_examples_and_tokens(runs):
 
 def test_a_straggling_process_does_not_time_out_the_others(tmp_path):
     """Process 1 starts valuing 8 s late while the collective timeout is 3 s: the others wait without a collective."""
-    done = run(tmp_path, 2, extra="tive:\n  stop_after_selection: true\n", entry=("tests/e2e/straggler.py",),
+    done = run(tmp_path, 2, extra="tive:\n  stop_after_selection: true\n", entry=("tests/e2e/driver.py",),
                env={"LIGHTNING_TIVE_TEST_STRAGGLER_S": "8"}, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert (tmp_path / "tive" / "subset.json").exists()
@@ -120,3 +120,57 @@ tive:
     assert together == [0, 1]
     assert [len(np.load(folder / name / "indices.npy")) for name in spec["shards"]] == [1, 1, 0]
     assert len(json.loads((tmp_path / "tive" / "subset.json").read_text())) == 2
+
+
+RESUMABLE = """
+trainer:
+  devices: 2
+  strategy: ddp
+  logger: false
+  default_root_dir: {root}
+  max_epochs: 3
+  limit_train_batches: null
+  limit_val_batches: 0
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args:
+        save_last: true
+        save_top_k: 0
+        every_n_train_steps: 2
+data:
+  group_by_length: true
+tive:
+  strategy: random
+"""
+
+
+def seen(folder: Path) -> dict[int, dict[int, list[int]]]:
+    """{rank: {step: pool indices}} from the driver's records."""
+    out: dict[int, dict[int, list[int]]] = {}
+    for rank in (0, 1):
+        for line in (folder / f"seen-rank-{rank}.jsonl").read_text().splitlines():
+            entry = json.loads(line)
+            out.setdefault(rank, {})[entry["step"]] = entry["pool_index"]
+    return out
+
+
+def test_killed_mid_epoch_and_resumed_on_two_processes_sees_what_an_uninterrupted_fit_sees(tmp_path):
+    """3 epochs of 3 steps; killed as step 5 starts (epoch 2), resumed from step 4's checkpoint."""
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    for root in (whole, killed):
+        (root / "seen").mkdir(parents=True)
+    smoke_fit(whole, RESUMABLE.format(root=whole), entry=("tests/e2e/driver.py",),
+              env={"LIGHTNING_TIVE_TEST_SEEN": str(whole / "seen")})
+    done = smoke_fit(killed, RESUMABLE.format(root=killed), entry=("tests/e2e/driver.py",), check=False,
+                     env={"LIGHTNING_TIVE_TEST_SEEN": str(killed / "seen"), "LIGHTNING_TIVE_TEST_KILL_AT": "5"})
+    assert done.returncode != 0 and not (killed / "finished.json").exists()
+    before = seen(killed / "seen")
+    (killed / "seen" / "seen-rank-0.jsonl").unlink()
+    (killed / "seen" / "seen-rank-1.jsonl").unlink()
+    smoke_fit(killed, RESUMABLE.format(root=killed), "--ckpt_path", str(killed / "checkpoints" / "last.ckpt"),
+              entry=("tests/e2e/driver.py",), env={"LIGHTNING_TIVE_TEST_SEEN": str(killed / "seen")})
+    after, expected = seen(killed / "seen"), seen(whole / "seen")
+    assert min(after[0]) == 4 and len(expected[0]) == 9
+    for rank in (0, 1):
+        assert {**{s: b for s, b in before[rank].items() if s < 4}, **after[rank]} == expected[rank]
+    assert expected[0] != expected[1]  # each process its own share

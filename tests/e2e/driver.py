@@ -1,0 +1,68 @@
+"""`python tests/e2e/driver.py fit ...`: `fit` with test instruments switched on by environment variables.
+
+- `LIGHTNING_TIVE_TEST_STRAGGLER_S`: process 1 starts its valuation that many seconds late, with the
+  process group's timeout cut to 3 s first (as if NCCL's 30 minutes had passed);
+- `LIGHTNING_TIVE_TEST_SEEN`: a folder where each process appends `{"step", "pool_index"}` per training
+  batch to `seen-rank-R.jsonl`;
+- `LIGHTNING_TIVE_TEST_KILL_AT`: every process stops dead (exit code 3) when that global step starts.
+
+Lightning's launcher starts the other processes with this same command, so each one patches itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import lightning as L
+import torch.distributed as dist
+from torch.distributed import distributed_c10d
+
+from lightning_tive import cli, phases
+
+LATE_S = float(os.environ.get("LIGHTNING_TIVE_TEST_STRAGGLER_S", "0"))
+SEEN = os.environ.get("LIGHTNING_TIVE_TEST_SEEN")
+KILL_AT = int(os.environ.get("LIGHTNING_TIVE_TEST_KILL_AT", "-1"))
+
+
+class Instruments(L.Callback):
+    """Records each training batch's pool indices; dies at KILL_AT."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == KILL_AT:
+            os._exit(3)  # a kill: no hooks, no checkpoint
+        if SEEN:
+            line = json.dumps({"step": trainer.global_step, "pool_index": batch["pool_index"].tolist()})
+            with open(Path(SEEN) / f"seen-rank-{trainer.global_rank}.jsonl", "a") as f:
+                f.write(line + "\n")
+
+
+_value = phases.ReferencePhases.value
+_instantiate_trainer = cli.TiveCLI.instantiate_trainer
+
+
+def late_value(self, *args, **kwargs):
+    """The real valuation, entered late by process 1, under a short collective timeout."""
+    if dist.is_initialized():
+        distributed_c10d._set_pg_timeout(timedelta(seconds=3))
+    if self.comm.rank == 1:
+        time.sleep(LATE_S)
+    return _value(self, *args, **kwargs)
+
+
+def instrumented_trainer(self, **kwargs):
+    """The CLI's trainer, with the instruments added."""
+    trainer = _instantiate_trainer(self, **kwargs)
+    trainer.callbacks.append(Instruments())
+    return trainer
+
+
+if LATE_S:
+    phases.ReferencePhases.value = late_value
+cli.TiveCLI.instantiate_trainer = instrumented_trainer
+
+if __name__ == "__main__":
+    cli.main()
