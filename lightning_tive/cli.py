@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_tive.callback import TIVESelectionCallback
 from lightning_tive.data.datamodule import LlavaDataModule
@@ -17,6 +17,8 @@ from lightning_tive.model import LlavaModule
 from lightning_tive.tive_config import TIVEConfig
 
 FINISHED = "finished.json"  # written into the run folder when a fit completes
+# Notices a user must see go through logging, which `PYTHONWARNINGS=ignore` does not silence.
+log = logging.getLogger("lightning_tive")
 # Logger classes whose `save_dir` defaults to the working directory: the run folder instead.
 UNSET_SAVE_DIRS = (None, ".", "")
 
@@ -82,12 +84,13 @@ class TiveCLI(LightningCLI):
                 f"elsewhere with --trainer.default_root_dir <folder>, continue that run from a checkpoint with "
                 f"--ckpt_path {root / 'checkpoints' / 'last.ckpt'}, or replace it with --overwrite true."
             )
+        if not self.trainer.is_global_zero:
+            return
         if finished.exists():
-            rank_zero_warn(f"replacing the finished run in {root} (--overwrite true)")
-            if self.trainer.is_global_zero:
-                finished.unlink()
+            log.warning(f"replacing the finished run in {root} (--overwrite true)")
+            finished.unlink()
         elif (root / "checkpoints" / "last.ckpt").exists():
-            rank_zero_warn(
+            log.warning(
                 f"{root} holds an unfinished run: this one starts training over (its stored TIVE features are reused "
                 f"when they match). To continue it instead, pass --ckpt_path {root / 'checkpoints' / 'last.ckpt'}."
             )
