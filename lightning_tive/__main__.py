@@ -1,4 +1,4 @@
-"""`python -m lightning_tive {fit,validate,test,export,fetch-smollm2} ...`"""
+"""`python -m lightning_tive {fit,validate,test,export,experiment,fetch-smollm2} ...`"""
 
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ def main(argv: list[str] | None = None) -> None:
         from lightning_tive.model.export import export_main
 
         export_main(rest)
+    elif command == "experiment":
+        from lightning_tive.experiment.protocol import main as experiment_main
+
+        experiment_main(rest)
     else:
         from lightning_tive.cli import run_cli
 

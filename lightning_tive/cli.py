@@ -1,4 +1,4 @@
-"""The LightningCLI for lightning_tive: `fit`, `validate`, `test` (`export` and `fetch-smollm2`: see __main__)."""
+"""The LightningCLI for lightning_tive: `fit`, `validate`, `test` (`export`, `experiment`, `fetch-smollm2`: see __main__)."""
 
 from __future__ import annotations
 
