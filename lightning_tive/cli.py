@@ -1,17 +1,14 @@
-"""The LightningCLI for lightning_tive: `fit`, `validate`, `test`, plus `export` (`fetch-smollm2` is in __main__)."""
+"""The LightningCLI for lightning_tive: `fit`, `validate`, `test` (`export`, `experiment`, `fetch-smollm2`: see __main__)."""
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
+import logging
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_tive.callback import TIVESelectionCallback
 from lightning_tive.data.datamodule import LlavaDataModule
@@ -20,6 +17,8 @@ from lightning_tive.model import LlavaModule
 from lightning_tive.tive_config import TIVEConfig
 
 FINISHED = "finished.json"  # written into the run folder when a fit completes
+# Notices a user must see go through logging, which `PYTHONWARNINGS=ignore` does not silence.
+log = logging.getLogger("lightning_tive")
 # Logger classes whose `save_dir` defaults to the working directory: the run folder instead.
 UNSET_SAVE_DIRS = (None, ".", "")
 
@@ -85,12 +84,13 @@ class TiveCLI(LightningCLI):
                 f"elsewhere with --trainer.default_root_dir <folder>, continue that run from a checkpoint with "
                 f"--ckpt_path {root / 'checkpoints' / 'last.ckpt'}, or replace it with --overwrite true."
             )
+        if not self.trainer.is_global_zero:
+            return
         if finished.exists():
-            rank_zero_warn(f"replacing the finished run in {root} (--overwrite true)")
-            if self.trainer.is_global_zero:
-                finished.unlink()
+            log.warning(f"replacing the finished run in {root} (--overwrite true)")
+            finished.unlink()
         elif (root / "checkpoints" / "last.ckpt").exists():
-            rank_zero_warn(
+            log.warning(
                 f"{root} holds an unfinished run: this one starts training over (its stored TIVE features are reused "
                 f"when they match). To continue it instead, pass --ckpt_path {root / 'checkpoints' / 'last.ckpt'}."
             )
@@ -126,47 +126,3 @@ def run_cli(args: list[str] | dict | None = None, run: bool = True) -> TiveCLI:
         args=args,
         run=run,
     )
-
-
-def export_main(argv: list[str]) -> Path:
-    """`export --ckpt_path CKPT --output_dir DIR`: a merged HF model + processor from a checkpoint."""
-    parser = argparse.ArgumentParser(prog="python -m lightning_tive export", description=export_main.__doc__)
-    parser.add_argument("--ckpt_path", required=True, help="a Lightning checkpoint written by `fit`")
-    parser.add_argument("--output_dir", required=True, help="folder for the merged model and processor")
-    parser.add_argument(
-        "--merge_from_full_precision",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="for QLoRA, rebuild the base in full precision before merging (default: on)",
-    )
-    ns = parser.parse_args(argv)
-    path = export_checkpoint(ns.ckpt_path, ns.output_dir, ns.merge_from_full_precision)
-    print(f"exported merged model and processor to {path}")
-    return path
-
-
-def export_checkpoint(ckpt_path: str, output_dir: str, merge_from_full_precision: bool = True) -> Path:
-    """Load a fit checkpoint into its module and write the merged model with its processor."""
-    overrides = {}
-    if merge_from_full_precision:
-        import torch
-
-        # mmap: read the hyper-parameters without pulling every weight into memory a second time.
-        hparams = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True).get("hyper_parameters", {})
-        if hparams.get("finetune") == "qlora":
-            # LoRA weights have the same names on a 4-bit and a full-precision base; merge into the latter.
-            overrides["finetune"] = "lora"
-    with warnings.catch_warnings():
-        # Checkpoints hold trainable weights only; the frozen rest is rebuilt from its source by design.
-        warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
-        module = LlavaModule.load_from_checkpoint(ckpt_path, map_location="cpu", **overrides)
-    return module.export(output_dir)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point for `python -m lightning_tive`."""
-    words = sys.argv[1:] if argv is None else argv
-    if words and words[0] == "export":
-        export_main(words[1:])
-        return
-    run_cli(argv)  # None: LightningCLI reads sys.argv itself

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import shutil
 import time
@@ -43,9 +42,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from lightning_tive.data.demo import DEMO_TASKS
+from lightning_tive.experiment.runs import QUIET_TRAINER, ROOT, overlay
+from lightning_tive.experiment.stats import json_safe, mean_std, overlap, spearman, uniform_overlap
+
 STAGE1 = ROOT / "runs" / "demo_stage1" / "checkpoints" / "stage1.ckpt"
-QUICK_SIZES = {t: 12 for t in ("color", "shape", "count", "spatial", "choice", "caption", "ocr", "text", "conversation")}
+QUICK_SIZES = {t: 12 for t in DEMO_TASKS}
 FLOOR_SEED_OFFSET = 1000
 OTHER_SAMPLING_SEED_OFFSET = 1
 
@@ -53,7 +55,6 @@ OTHER_SAMPLING_SEED_OFFSET = 1
 def fit_arm(folder: Path, seed: int, projector: str, tive_seed: int, args: argparse.Namespace, dtype: str = "float16"):
     """One `fit` that stops after selection; returns the CLI (trainer, model, datamodule)."""
     import lightning as L
-    from experiment import QUIET_TRAINER, overlay  # scripts/ is on sys.path when a script runs
 
     from lightning_tive.cli import run_cli
 
@@ -106,42 +107,6 @@ def selections(config, datamodule, values: dict, seed: int) -> dict:
         "other_seed": select_subset(dataclasses.replace(config, seed=seed + OTHER_SAMPLING_SEED_OFFSET), datamodule,
                                     values),
     }
-
-
-def ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n, ties given their average rank."""
-    order = np.argsort(x, kind="stable")
-    r = np.empty(len(x), dtype=np.float64)
-    r[order] = np.arange(1, len(x) + 1)
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=r)
-    return (sums / counts)[inverse]
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rank correlation (NaN when either side is constant or there are < 2 values)."""
-    if len(a) < 2:
-        return float("nan")
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
-    return float((ra * rb).sum() / den) if den > 0 else float("nan")
-
-
-def overlap(a, b) -> float:
-    """Multiset overlap of two selections of the same budget: sum_i min(times_a, times_b) / B."""
-    return float(np.minimum(a.times_selected, b.times_selected).sum() / max(a.budget, 1))
-
-
-def uniform_overlap(result, task_ids: np.ndarray) -> float:
-    """Expected overlap of two independent uniform draws with `result`'s task budgets (repeats included)."""
-    sizes = np.bincount(task_ids[result.finite], minlength=len(result.tasks))
-    total = 0.0
-    for row, n in zip(result.tasks, sizes, strict=True):
-        if row.budget and n:
-            reps, rest = divmod(row.budget, int(n))
-            total += reps * n + rest * rest / n
-    return total / max(result.budget, 1)
 
 
 def compare(names: list[str], task_ids: np.ndarray, va: dict, vb: dict, sa: dict, sb: dict) -> dict:
@@ -250,11 +215,6 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     return out
 
 
-def mean_std(values: list[float]) -> dict:
-    v = np.asarray(values, dtype=np.float64)
-    return {"mean": round(float(np.nanmean(v)), 4), "std": round(float(np.nanstd(v)), 4)}
-
-
 def summarise_pair(entries: list[dict]) -> dict:
     """Mean ± std over seeds (std with ddof 0) of one pair's figures; the exact checks must hold on every seed."""
     out = {k: mean_std([e[k] for e in entries]) for k in SUMMARY_KEYS}
@@ -311,17 +271,6 @@ def print_tables(per_seed: list[dict], summary: dict) -> None:
           + "; budgets equal: " + str(summary["budgets_equal"]) + " (kronecker vs rademacher, every seed)")
 
 
-def json_safe(value):
-    """NaN -> null, so the last line is strict JSON."""
-    if isinstance(value, float):
-        return round(value, 6) if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    return value
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -352,8 +301,9 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in args.seeds:
         per_seed.append(run_seed(seed, args))
         s = per_seed[-1]
-        print(json.dumps(json_safe({k: s[k] for k in ("seed", "spearman_mean", "overlap_config", "overlap_topk",
-                                                       "task_values_equal", "budgets_equal", "seconds")})), flush=True)
+        line = {k: s[k] for k in ("seed", "spearman_mean", "overlap_config", "overlap_topk", "task_values_equal",
+                                  "budgets_equal", "seconds")}
+        print(json.dumps(json_safe(line, digits=6)), flush=True)
     summary = summarise(per_seed)
     print_tables(per_seed, summary)
     final = {
@@ -368,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": args.threads,
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    print(json.dumps(json_safe(final)))
+    print(json.dumps(json_safe(final, digits=6)))
     return final
 
 

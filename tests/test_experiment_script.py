@@ -1,4 +1,5 @@
-"""scripts/experiment.py --quick: every arm built through the CLI, the files and the paired statistics."""
+"""`python -m lightning_tive experiment --quick` (and scripts/experiment.py, the same command): every arm built
+through the CLI, the files and the paired statistics."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ pytestmark = pytest.mark.slow
 
 def test_quick_experiment_runs_every_arm_and_writes_the_results(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "scripts/experiment.py", "--quick", "--work", str(tmp_path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run([sys.executable, "-m", "lightning_tive", "experiment", "--quick", "--work", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     final = json.loads(done.stdout.strip().splitlines()[-1])
     results = json.loads((tmp_path / "results.json").read_text())
@@ -38,7 +39,16 @@ def test_quick_experiment_runs_every_arm_and_writes_the_results(tmp_path):
     assert arms["gradnorm"]["seconds"]["warmup_s"] == arms["tive"]["seconds"]["warmup_s"] > 0
     assert not (tmp_path / "seed0" / "gradnorm" / "tive" / "features").exists()
     assert final["tive"] == round(arms["tive"]["relative"][0], 2)
-    assert (tmp_path / "results.png").stat().st_size > 0 and "## Results" in (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text()
+    assert (tmp_path / "results.png").stat().st_size > 0 and "## Results" in md
+    assert "`python -m lightning_tive experiment --quick --work" in md  # the command that produced it
+
+
+def test_the_script_is_the_package_command():
+    done = subprocess.run([sys.executable, "scripts/experiment.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.startswith("usage: python -m lightning_tive experiment") and "--preset" in done.stdout
 
 
 def test_smollm2_quick_experiment_runs_full_random_and_tive_from_its_stage1(tmp_path, smollm2_gguf):

@@ -233,7 +233,7 @@ def test_warmup_cosine_schedule_shape():
 def test_fit_checkpoint_export_round_trip_generates_the_same_tokens(tmp_path, demo_dm):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from lightning_tive.cli import export_checkpoint
+    from lightning_tive.model.export import export_checkpoint
 
     module = LlavaModule(tiny=TinyLlavaConfig(), finetune="lora", lora={"r": 4, "alpha": 8, "dropout": 0.0})
     dm = LlavaDataModule(demo=SMALL_DEMO, max_length=256, batch_size=6, output_dir=str(tmp_path))

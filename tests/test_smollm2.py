@@ -18,6 +18,7 @@ import torch
 from lightning_tive.data.datamodule import LlavaDataModule
 from lightning_tive.data.demo import DemoConfig
 from lightning_tive.model import LlavaModule
+from lightning_tive.weights import gguf_language_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 # 64x64 images in 8x8 patches: 64 image tokens, so a demo example is ~70-140 tokens.
@@ -32,8 +33,6 @@ FRANCE = "What is the capital of France?"
 @pytest.fixture(scope="session")
 def gguf_load_seconds(smollm2_gguf) -> dict[str, float]:
     """Dequantise once (timed), then time a cached module build."""
-    from lightning_tive.weights import gguf_language_model_dir
-
     start = time.perf_counter()
     _, first = gguf_language_model_dir(smollm2_gguf)
     first_s = time.perf_counter() - start
@@ -86,7 +85,7 @@ def test_composed_model_answers_before_training(smollm2_gguf):
     answer = module.generate_answers(chat_prompt(tokenizer, FRANCE), max_new_tokens=12)[0]
     assert "Paris" in answer, answer
     # <image> got a new embedding row; the pretrained rows are bit-identical, and lm_head stays tied.
-    lm = AutoModelForCausalLM.from_pretrained(module._language_model_dir())
+    lm = AutoModelForCausalLM.from_pretrained(gguf_language_model_dir(smollm2_gguf)[0])
     llava = module.llava
     embed = llava.model.language_model.embed_tokens.weight
     original = lm.get_input_embeddings().weight
@@ -140,7 +139,7 @@ def test_four_steps_lower_the_loss_and_leave_the_lm_untouched(mode, smollm2_gguf
 def test_lora_checkpoint_exports_to_a_model_that_generates_the_same(smollm2_gguf, tmp_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from lightning_tive.cli import export_checkpoint
+    from lightning_tive.model.export import export_checkpoint
 
     module = build(smollm2_gguf, "lora", optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4))
     dm = LlavaDataModule(demo=DEMO, template="chat", max_length=256, batch_size=4, output_dir=str(tmp_path))
@@ -295,8 +294,6 @@ def test_gguf_errors_name_the_package_and_the_architecture(tmp_path, monkeypatch
     import importlib.util
 
     gguf = pytest.importorskip("gguf")
-    from lightning_tive.weights import gguf_language_model_dir
-
     writer = gguf.GGUFWriter(str(tmp_path / "odd.gguf"), "notamodel")
     writer.add_name("odd")
     writer.add_tensor("token_embd.weight", torch.zeros(4, 4).numpy())

@@ -18,7 +18,9 @@ def fit(cwd: Path, root: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "lightning_tive", "fit", "--config", str(ROOT / "configs" / "demo.yaml"),
            "--config", str(ROOT / "configs" / "smoke.yaml"), "--trainer.default_root_dir", str(root),
            "--trainer.enable_progress_bar", "false", *extra]
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    # PYTHONWARNINGS=ignore: the run folder's notices must reach the user even with warnings filtered out.
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1",
+           "PYTHONWARNINGS": "ignore"}
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -49,3 +51,9 @@ def test_every_output_lands_under_the_run_folder_and_a_finished_run_is_kept(tmp_
     assert replaced.returncode == 0, replaced.stderr[-4000:]
     assert "replacing the finished run" in replaced.stderr
     assert (root / "finished.json").stat().st_mtime_ns > stamps["finished.json"]
+    # a run that never finished (no finished.json): trained over, with a notice naming how to continue it
+    (root / "finished.json").unlink()
+    restarted = fit(cwd, root, "--tive.enabled", "false", "--trainer.max_steps", "1")
+    assert restarted.returncode == 0, restarted.stderr[-4000:]
+    assert "holds an unfinished run" in restarted.stderr
+    assert f"--ckpt_path {root / 'checkpoints' / 'last.ckpt'}" in restarted.stderr
