@@ -21,6 +21,7 @@ import lightning as L
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
+from lightning_tive import __main__ as entry
 from lightning_tive import cli, phases
 
 LATE_S = float(os.environ.get("LIGHTNING_TIVE_TEST_STRAGGLER_S", "0"))
@@ -65,4 +66,4 @@ if LATE_S:
 cli.TiveCLI.instantiate_trainer = instrumented_trainer
 
 if __name__ == "__main__":
-    cli.main()
+    entry.main()
