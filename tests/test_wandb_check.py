@@ -37,8 +37,13 @@ def listening_port():
 
 @pytest.fixture
 def no_credentials(monkeypatch, tmp_path):
-    """No key anywhere wandb looks, no proxy, and W&B's host a closed local port: no network is touched."""
-    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_DISABLED"):
+    """No key anywhere wandb looks, no proxy, and W&B's host a closed local port: no network is touched.
+
+    WANDB_MODE stays `disabled` (conftest): the loggers below ask for `mode: online` themselves, so
+    wandb's per-process settings, should the check load them, stay as the rest of the suite expects.
+    """
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
         monkeypatch.delenv(name, raising=False)
     for name in PROXY_VARIABLES:
         monkeypatch.delenv(name, raising=False)
@@ -53,7 +58,7 @@ def no_credentials(monkeypatch, tmp_path):
 
 
 def wandb_logger(**init_args) -> Namespace:
-    args = {"project": "lightning_tive", "name": "run", "save_dir": "runs/x", "offline": False, "mode": None,
+    args = {"project": "lightning_tive", "name": "run", "save_dir": "runs/x", "offline": False, "mode": "online",
             **init_args}
     return Namespace(class_path="lightning.pytorch.loggers.WandbLogger", init_args=Namespace(**args))
 
@@ -69,7 +74,8 @@ def test_online_logger_without_a_key_stops_the_cli_before_the_model_is_built(no_
 
     monkeypatch.setattr(LlavaModule, "_build_model", build)
     with pytest.raises(WandbUnavailable) as stopped:
-        run_cli(cli_args(tmp_path, "--trainer.logger.init_args.offline", "false"), run=False)
+        run_cli(cli_args(tmp_path, "--trainer.logger.init_args.offline", "false",
+                         "--trainer.logger.init_args.mode", "online"), run=False)
     message = str(stopped.value)
     assert "WandbLogger(project=lightning_tive, name=smoke) is set to log online" in message
     assert f"no W&B API key for {no_credentials} is configured" in message
@@ -86,10 +92,10 @@ def test_offline_or_disabled_w_and_b_builds_without_a_key_or_a_connection(no_cre
     monkeypatch.setattr(wandb_check, "has_credentials", never)
     monkeypatch.setattr(wandb_check, "connection_problem", never)
     if how == "WANDB_MODE=disabled":
-        monkeypatch.setenv("WANDB_MODE", "disabled")
-        extra = ("--trainer.logger.init_args.offline", "false")
+        extra = ("--trainer.logger.init_args.offline", "false")  # the fixture's WANDB_MODE=disabled decides
     else:
-        extra = ()  # smoke.yaml's logger is offline
+        monkeypatch.setenv("WANDB_MODE", "online")  # so only smoke.yaml's `offline: true` keeps it offline
+        extra = ()
     cli = run_cli(cli_args(tmp_path, *extra), run=False)
     assert type(cli.trainer.logger).__name__ == "WandbLogger"
 
@@ -97,12 +103,12 @@ def test_offline_or_disabled_w_and_b_builds_without_a_key_or_a_connection(no_cre
 @pytest.mark.parametrize(
     ("init_args", "mode", "online"),
     [
-        ({}, None, True),
-        ({}, "online", True),
-        ({"offline": True}, "online", False),
-        ({}, "offline", False),
-        ({}, "dryrun", False),
-        ({}, "disabled", False),
+        ({"mode": None}, None, True),
+        ({"mode": None}, "online", True),
+        ({"mode": None}, "offline", False),
+        ({"mode": None}, "dryrun", False),
+        ({"mode": None}, "disabled", False),
+        ({"mode": None, "offline": True}, "online", False),
         ({"mode": "offline"}, None, False),
         ({"mode": "online"}, "offline", True),  # wandb.init's mode wins over WANDB_MODE
     ],
