@@ -23,9 +23,10 @@ REQUIRED: dict[str, tuple[str, tuple[int, ...], str]] = {
         "(2.11 has only `_fsdp_param_group`)",
     ),
     "transformers": (
-        "transformers>=5.4,<6",
-        (5, 4),
-        "the CLIP image processor is `CLIPImageProcessorPil`, new in transformers 5.4",
+        "transformers>=5.6,<6",
+        (5, 6),
+        "the CLIP image processor is `CLIPImageProcessorPil` (new in 5.4), and the CLIP tower's weights are "
+        "`vision_tower.encoder.*` (5.6 on; `vision_tower.vision_model.encoder.*` before), the names checkpoints hold",
     ),
 }
 

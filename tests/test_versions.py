@@ -21,20 +21,20 @@ def fake_versions(monkeypatch, **installed: str | None) -> None:
 
 def test_old_torch_and_transformers_are_refused_naming_both_versions_and_the_pip_command(monkeypatch):
     monkeypatch.delenv(versions.SKIP_ENV, raising=False)
-    fake_versions(monkeypatch, torch="2.11.0+cu128", transformers="5.3.0")
+    fake_versions(monkeypatch, torch="2.11.0+cu128", transformers="5.5.0")
     with pytest.raises(ImportError) as refused:
         versions.check_versions()
     message = str(refused.value)
     assert "torch>=2.12,<2.14 is needed, torch 2.11.0+cu128 is installed" in message
-    assert "transformers>=5.4,<6 is needed, transformers 5.3.0 is installed" in message
-    assert "pip install --upgrade 'torch>=2.12,<2.14' 'transformers>=5.4,<6'" in message
+    assert "transformers>=5.6,<6 is needed, transformers 5.5.0 is installed" in message
+    assert "pip install --upgrade 'torch>=2.12,<2.14' 'transformers>=5.6,<6'" in message
     assert versions.SKIP_ENV in message
 
 
 @pytest.mark.parametrize(
     "installed",
     [
-        {"torch": "2.12.0", "transformers": "5.4.0"},  # the lowest supported releases
+        {"torch": "2.12.0", "transformers": "5.6.0"},  # the lowest supported releases
         {"torch": "2.12.0a0+79aa17489c.nv26.04", "transformers": "5.25.0.dev0"},  # container / source builds
         {"torch": None, "transformers": None},  # not installed: their own import names them
     ],
@@ -50,7 +50,7 @@ def test_only_the_old_one_is_named(monkeypatch):
     fake_versions(monkeypatch, torch="2.13.0", transformers="4.57.1")
     with pytest.raises(ImportError, match="transformers 4.57.1 is installed") as refused:
         versions.check_versions()
-    assert "--upgrade 'transformers>=5.4,<6' (" in str(refused.value) and "'torch>=" not in str(refused.value)
+    assert "--upgrade 'transformers>=5.6,<6' (" in str(refused.value) and "'torch>=" not in str(refused.value)
 
 
 def test_the_skip_variable_lets_an_old_version_through(monkeypatch):
@@ -65,7 +65,7 @@ def test_the_skip_variable_lets_an_old_version_through(monkeypatch):
 def test_release_numbers():
     assert versions.release("2.13.0+cpu") == (2, 13, 0)
     assert versions.release("2.12.0rc1") == (2, 12, 0)
-    assert versions.release("5.4") == (5, 4)
+    assert versions.release("5.6") == (5, 6)
     assert versions.release("2.12.0") >= (2, 12) > versions.release("2.11.9")
     with pytest.raises(ValueError, match="cannot read a release number"):
         versions.release("unknown")
