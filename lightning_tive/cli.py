@@ -15,6 +15,7 @@ from lightning_tive.data.datamodule import LlavaDataModule
 from lightning_tive.files import atomic_write
 from lightning_tive.model import LlavaModule
 from lightning_tive.tive_config import TIVEConfig
+from lightning_tive.wandb_check import check_wandb_loggers
 
 FINISHED = "finished.json"  # written into the run folder when a fit completes
 # Notices a user must see go through logging, which `PYTHONWARNINGS=ignore` does not silence.
@@ -44,7 +45,7 @@ class TiveCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        """Apply `torch_threads`; point every unset output path of the run at `trainer.default_root_dir`."""
+        """Apply `torch_threads`; point every unset output path at `trainer.default_root_dir`; check online W&B."""
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         if cfg.torch_threads is not None:
             import torch
@@ -56,6 +57,8 @@ class TiveCLI(LightningCLI):
             args = getattr(logger, "init_args", None)
             if args is not None and "save_dir" in args and args.save_dir in UNSET_SAVE_DIRS:
                 args.save_dir = str(root)
+        # Every process, before anything is built: an online W&B logger that cannot log stops them all now.
+        check_wandb_loggers(loggers)
         for callback in cfg.trainer.callbacks or []:
             args = getattr(callback, "init_args", None)
             if str(getattr(callback, "class_path", "")).endswith("ModelCheckpoint") and getattr(args, "dirpath", None) is None:

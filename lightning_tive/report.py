@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +14,8 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_tive.files import atomic_write
+
+log = logging.getLogger(__name__)
 
 TASKS_COLUMNS = ("task", "size", "task_value", "proportion", "budget", "selected")
 VALUES_COLUMNS = ("index", "id", "task", "grad_norm", "instance_value", "times_selected")
@@ -76,12 +79,21 @@ def plot_report(
     task_of_example: np.ndarray,
     instance_values: np.ndarray,
     grad_norms: np.ndarray,
-) -> None:
-    """report.png: instance values and gradient norms per task, and budgets against pool shares."""
-    import matplotlib
+) -> bool:
+    """report.png: instance values and gradient norms per task, and budgets against pool shares.
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    Returns False, writing nothing, where matplotlib is not installed: the plot is the one output
+    the run can do without, so a GPU image without it still gets every other file.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        log.warning(f"[tive] report.png skipped: matplotlib cannot be imported ({error}); `pip install matplotlib` "
+                    "to get it. tasks.csv, values.csv, subset.json and summary.json are written as usual.")
+        return False
 
     names = [row["task"] for row in task_rows]
     fig, axes = plt.subplots(1, 3, figsize=(17, 0.45 * len(names) + 3.2), constrained_layout=True)
@@ -114,6 +126,7 @@ def plot_report(
     fig.suptitle(f"TIVE selection: {int(budgets.sum())} of {int(sizes.sum())} examples")
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def log_to_wandb(
@@ -177,7 +190,7 @@ def summary(config: Any, datamodule: Any, result: Any, timings: dict, feature_se
 
 
 def write_outputs(out: Path, datamodule: Any, result: Any, selected: np.ndarray, summary: dict, loggers: Sequence[Any]) -> None:
-    """tasks.csv, values.csv, subset.json, summary.json, report.png, and the W&B payload."""
+    """tasks.csv, values.csv, subset.json, summary.json, report.png (with matplotlib), and the W&B payload."""
     task_ids = np.asarray(datamodule.pool_task_ids)
     names = datamodule.task_names
     records = [datamodule.pool_record(i) for i in range(datamodule.pool_size)]
@@ -190,7 +203,9 @@ def write_outputs(out: Path, datamodule: Any, result: Any, selected: np.ndarray,
     write_json(out / "subset.json", [records[i] for i in selected])
     write_json(out / "summary.json", summary)
     png = out / "report.png"
-    plot_report(png, result.task_table(), task_ids, values, norms)
+    if not plot_report(png, result.task_table(), task_ids, values, norms):
+        png.unlink(missing_ok=True)  # a plot left by an earlier run would not show this selection
+        png = None
     scalars = {
         "tive/pool_size": summary["pool_size"],
         "tive/budget": summary["budget"],
