@@ -76,11 +76,31 @@ def apply_finetune_mode(
             p.requires_grad_(not freeze_language)
     for p in base.model.vision_tower.parameters():
         p.requires_grad_(not freeze_vision and finetune == "full")
-    for p in base.model.multi_modal_projector.parameters():
+    projector = base.model.multi_modal_projector
+    for p in projector.parameters():
         p.requires_grad_(train_projector)
+    if train_projector:
+        keep_projector_fp32(projector)
     if checkpointing:
         base.enable_input_require_grads()
     return model
+
+
+def keep_projector_fp32(projector: torch.nn.Module) -> None:
+    """A trained projector keeps float32 weights whatever dtype the rest loaded in.
+
+    In bf16 an AdamW step at lr 2e-5 (~2e-5 per weight) is below half an ulp of a weight of ~0.02
+    (~6e-5), so most updates would round away. Its input is cast to its dtype (under autocast the
+    matmuls still run in bf16); LLaVA casts its output to the embeddings' dtype.
+    """
+    if all(p.dtype == torch.float32 for p in projector.parameters()):
+        return
+    projector.float()
+    projector.register_forward_pre_hook(_inputs_to_float32)
+
+
+def _inputs_to_float32(module: torch.nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
 def keep_4bit_layout_on_cpu(model: torch.nn.Module) -> None:
@@ -152,6 +172,13 @@ class ReferenceAdapterMixin:
         wrapped = self.finetune == "full"  # peft's wrapper renames the base weights until unload()
         for name, param in self.named_parameters():
             param.requires_grad_(before.get(_without_reference_wrapper(name) if wrapped else name, False))
+
+    def _reserve_again(self) -> None:
+        """After the model was rebuilt: reserve the adapter that was reserved on the one it replaced."""
+        if self._reference is not None:
+            settings, seed = self._reference["key"]["settings"], self._reference["key"]["seed"]
+            self._reference = None
+            self.reserve_reference_adapter(LoraSettings(**settings), seed)
 
     def _inject_reference(self, settings: LoraSettings, seed: int) -> None:
         from peft import get_peft_model

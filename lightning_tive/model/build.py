@@ -101,14 +101,18 @@ class BuiltLlava:
 
 def build_llava(source: LlavaSource, quantize_4bit: bool = False) -> BuiltLlava:
     """Build the processor, then the model (with `init_from`'s weights; 4-bit NF4 for QLoRA)."""
-    builder = _LlavaBuilder(source)
+    builder = LlavaBuilder(source)
     processor = builder.processor()
     model = builder.model(processor, quantize_4bit)
     return BuiltLlava(model, processor, builder.load_seconds)
 
 
-class _LlavaBuilder:
-    """One build from one source; remembers where the language model loads from and how long it took."""
+class LlavaBuilder:
+    """One build from one source; remembers where the language model loads from and how long it took.
+
+    `processor()` first (the DataModule needs it before any weight exists), `model()` or `skeleton()`
+    later: in a multi-process fit only process 0 reads the weights, the others build the skeleton.
+    """
 
     def __init__(self, source: LlavaSource) -> None:
         self.source = source
@@ -205,6 +209,41 @@ class _LlavaBuilder:
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
             return LlavaForConditionalGeneration.from_pretrained(tmp, dtype=src.load_dtype(), quantization_config=quant)
+
+    def skeleton(self, processor: Any) -> Any:
+        """The model's structure on the meta device, without reading or drawing any weight.
+
+        Same modules, names and shapes as `model()`; dtypes may differ where a checkpoint's stored dtype
+        decides them (the caller aligns them with a real build's).
+        """
+        from transformers import (
+            AutoConfig,
+            AutoModelForCausalLM,
+            CLIPVisionConfig,
+            CLIPVisionModel,
+            LlavaForConditionalGeneration,
+        )
+
+        src = self.source
+        dtype = src.load_dtype() or torch.float32
+        with torch.device("meta"):
+            if src.pretrained is not None:
+                return LlavaForConditionalGeneration._from_config(AutoConfig.from_pretrained(src.pretrained), dtype=dtype)
+            if src.tiny is not None:
+                return self._tiny(processor)
+            lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(self.language_model_dir()), dtype=dtype)
+            resize_embeddings(lm, len(processor.tokenizer))
+            if src.vision_config is not None:
+                vision_config = src.vision_config.clip_config()
+            else:
+                vision_config = CLIPVisionConfig.from_pretrained(src.vision_tower)
+            model = LlavaForConditionalGeneration(llava_config(processor, vision_config, lm.config))
+            model.model.vision_tower = CLIPVisionModel(vision_config).to(dtype)
+            model.model.language_model = lm.model
+            model.lm_head = lm.lm_head
+            model.model.multi_modal_projector.to(dtype)
+        model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+        return model
 
     def _tiny(self, processor: Any) -> Any:
         from transformers import LlamaConfig, LlavaForConditionalGeneration

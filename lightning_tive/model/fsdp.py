@@ -32,8 +32,8 @@ class FSDPMixin:
         """Whether configure_model sharded the model with FSDP2."""
         return self._shard_group is not None
 
-    def configure_model(self) -> None:
-        """Shard with FSDP2 under ModelParallelStrategy; nothing under any other strategy.
+    def shard_model(self) -> None:
+        """Shard with FSDP2 under ModelParallelStrategy / FSDP2Strategy; nothing under any other strategy.
 
         One FSDP unit per decoder layer of the LM and of the vision tower, one for `lm_head`, and the
         LLaVA model (embeddings, projector, norms) as the root. A TIVE reference adapter reserved before
@@ -45,18 +45,26 @@ class FSDPMixin:
             return
         from torch.distributed.fsdp import fully_shard
 
-        from lightning_tive.sharding import data_parallel_mesh
+        from lightning_tive.sharding import STRATEGY_HELP, FSDP2Strategy, data_parallel_mesh
 
         if self.finetune == "qlora":
             raise ValueError("model.finetune=qlora keeps 4-bit base weights, which FSDP2 does not shard here; use lora")
         strategy = self._trainer.strategy if self._trainer is not None else None
-        if getattr(strategy, "_save_distributed_checkpoint", False):
-            # Checkpoints keep trainable weights only, and a distributed checkpoint loads only in full.
+        if getattr(strategy, "_save_distributed_checkpoint", False) and not isinstance(strategy, FSDP2Strategy):
+            # Lightning's own loader asks a folder of shards for every weight; ours hold the trainable ones.
             raise ValueError(
-                "set ModelParallelStrategy(save_distributed_checkpoint=False): lightning_tive's checkpoints keep the "
-                "trainable weights only, gathered into one file by process 0, which `fit --ckpt_path` and `export` read"
+                "sharded checkpoints of ModelParallelStrategy cannot be read back (they hold the trainable weights "
+                f"only): use {STRATEGY_HELP}, or ModelParallelStrategy(save_distributed_checkpoint=False)"
             )
         mesh = data_parallel_mesh(mesh)
+        group = mesh.get_group()  # every data-parallel process steps together (HSDP: across replicas too)
+        replicas = getattr(strategy, "replicate_size", 1)
+        if replicas > 1:  # HSDP: shard within each replica group, replicate across them
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh(
+                mesh.device_type, (replicas, mesh.size() // replicas), mesh_dim_names=("replicate", "shard")
+            )
         llava = self.llava
         head = llava.lm_head
         if head.weight is llava.model.language_model.get_input_embeddings().weight:
@@ -75,6 +83,8 @@ class FSDPMixin:
             for block in blocks:
                 fully_shard(block, **options)
         fully_shard(head, **options)
+        # its own unit: a float32 projector beside bf16 embeddings (FSDP2 gathers one dtype per unit)
+        fully_shard(llava.model.multi_modal_projector, **options)
         fully_shard(llava.model, **options)
         if "mp_policy" in options:
             from lightning_tive.sharding import sync_mixed_precision
@@ -82,7 +92,7 @@ class FSDPMixin:
             # after FSDP's own pre-forward hooks, which fix the dtypes at the first forward
             llava.model.register_forward_pre_hook(lambda *_: sync_mixed_precision(llava))
         llava.model.language_model.register_forward_pre_hook(self._dummy_image_hook, with_kwargs=True)
-        self._shard_group = mesh.get_group()
+        self._shard_group = group
 
     def _dummy_image_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple | None:
         """Sharded, a batch without images still runs the vision tower and projector (on a blank image, times 0).

@@ -17,11 +17,20 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
+from lightning_tive.distributed import Collectives
 from lightning_tive.model.adapters import ReferenceAdapterMixin, apply_finetune_mode, unwrap_peft
-from lightning_tive.model.build import LlavaSource, TorchDtype, build_llava
+from lightning_tive.model.build import LlavaBuilder, LlavaSource, TorchDtype
 from lightning_tive.model.evaluation import EvaluationMixin
 from lightning_tive.model.fsdp import FSDPMixin
 from lightning_tive.model.losses import NLL_CHUNK_TOKENS, chunked_per_example_nll
+from lightning_tive.model.materialize import (
+    align_skeleton,
+    broadcast_weights,
+    later_process,
+    named_tensors,
+    plain_build_context,
+    tensor_spec,
+)
 from lightning_tive.model.schedule import SchedulerCallable, WarmupCosineLR
 from lightning_tive.model.settings import (
     FINETUNE_MODES,
@@ -116,19 +125,65 @@ class LlavaModule(FSDPMixin, ReferenceAdapterMixin, EvaluationMixin, L.Lightning
         self.strict_loading = False
         self.nll_chunk_tokens = NLL_CHUNK_TOKENS
 
-        built = build_llava(source, quantize_4bit=finetune == "qlora")
-        self.processor = built.processor
-        self.load_seconds = built.load_seconds  # language-model load timings (GGUF path)
-        self.model = apply_finetune_mode(
-            built.model, finetune, self.lora_settings, freeze_vision_tower, freeze_language_model, train_projector,
-            gradient_checkpointing,
-        )
-        # `from_pretrained` returns a model in eval mode and Lightning (>= 2.3) keeps submodules' modes,
-        # so without this LoRA dropout (and checkpointing, which transformers skips in eval) would be off.
-        self.train()
+        self._build_settings = (freeze_vision_tower, freeze_language_model, train_projector, gradient_checkpointing)
+        self._builder = LlavaBuilder(source)
+        self.processor = self._builder.processor()
+        self.load_seconds = self._builder.load_seconds  # language-model load timings (GGUF path)
         self._init_evaluation()
         self._init_reference_adapter()
         self._init_sharding()
+        # A process other than the run's first builds only the structure: configure_model fills it from process 0.
+        self.build_model(on_meta=later_process() and finetune != "qlora")
+
+    def build_model(self, on_meta: bool = False) -> None:
+        """Build LLaVA (on the meta device: its structure only) and set which weights train."""
+        with plain_build_context():
+            if on_meta:
+                built = self._builder.skeleton(self.processor)
+            else:
+                built = self._builder.model(self.processor, quantize_4bit=self.finetune == "qlora")
+            self.model = apply_finetune_mode(built, self.finetune, self.lora_settings, *self._build_settings)
+        # `from_pretrained` returns a model in eval mode and Lightning (>= 2.3) keeps submodules' modes,
+        # so without this LoRA dropout (and checkpointing, which transformers skips in eval) would be off.
+        self.model.train(self.training)
+
+    @property
+    def on_meta(self) -> bool:
+        """Whether the model is still a skeleton on the meta device (configure_model fills it)."""
+        return any(p.is_meta for p in self.model.parameters())
+
+    def configure_model(self) -> None:
+        """Give every process of the run its weights, and shard them under FSDP2.
+
+        Several processes (DDP or FSDP2): process 0 built the model for real and the others its skeleton
+        on the meta device; once sharded (FSDP2) the others allocate their tensors on their device and
+        process 0 broadcasts every tensor. One process: the model built in `__init__` (rebuilt for real
+        when it is a skeleton). Runs once: a sharded model is left as it is.
+        """
+        trainer = self._trainer
+        if self.sharded:
+            return
+        if trainer is None or trainer.world_size == 1 or self.finetune == "qlora":
+            if self.on_meta:
+                self.build_model()
+                self._reserve_again()
+            self.shard_model()
+            return
+        comm = Collectives.of(trainer)
+        device = trainer.strategy.root_device
+        first = comm.rank == 0
+        spec = comm.broadcast_object(tensor_spec(self.model) if first else None)
+        if not first:
+            align_skeleton(self.model, spec)
+        source = named_tensors(self.model) if first else None  # whole tensors, kept while sharding
+        self.shard_model()
+        if not first:
+            self.model.to_empty(device=device)
+        elif not self.sharded:
+            self.model.to(device)
+        broadcast_weights(self.model, source, comm, device)
+        if not first and self.llava.config.get_text_config().tie_word_embeddings:
+            self.llava.tie_weights()  # to_empty gave the tied alias a tensor of its own
 
     @property
     def llava(self) -> Any:
