@@ -11,6 +11,7 @@ from typing import Any
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_tive.callback import TIVESelectionCallback
+from lightning_tive.checkpoints import FinalModel
 from lightning_tive.data.datamodule import LlavaDataModule
 from lightning_tive.files import atomic_write
 from lightning_tive.model import LlavaModule
@@ -28,7 +29,8 @@ class TiveCLI(LightningCLI):
     """LightningCLI over LlavaModule and LlavaDataModule, with the `tive:` section and one run folder.
 
     The module owns its optimizers. Every output of a run (checkpoints, the W&B run, skipped.jsonl,
-    tive/, config.yaml) lands under `trainer.default_root_dir` unless that path is set explicitly.
+    tive/, config.yaml) lands under `trainer.default_root_dir` unless that path is set explicitly; the
+    model as trained when the fit ends is `checkpoints/final.ckpt` (FinalModel).
     """
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -78,7 +80,7 @@ class TiveCLI(LightningCLI):
         finished = root / FINISHED
         if cfg.ckpt_path is not None:
             for callback in self.trainer.callbacks:
-                if isinstance(callback, TIVESelectionCallback):
+                if isinstance(callback, (TIVESelectionCallback, FinalModel)):
                     callback.resume_from = str(cfg.ckpt_path)
             return
         if finished.exists() and not cfg.overwrite:
@@ -99,19 +101,23 @@ class TiveCLI(LightningCLI):
             )
 
     def after_fit(self) -> None:
-        """Mark the run folder as holding a finished run."""
+        """Mark the run folder as holding a finished run, naming its final model."""
         if self.trainer.is_global_zero and not self.trainer.interrupted:
             root = self._root()
             root.mkdir(parents=True, exist_ok=True)
-            atomic_write(root / FINISHED, json.dumps({"global_step": self.trainer.global_step,
-                                                      "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+            final = next(c for c in self.trainer.callbacks if isinstance(c, FinalModel)).path(self.trainer)
+            record = {
+                "global_step": self.trainer.global_step, "final_model": str(final) if final.exists() else None,
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+            atomic_write(root / FINISHED, json.dumps(record) + "\n")
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
-        """The trainer, with TIVESelectionCallback built from the `tive:` section."""
+        """The trainer, with TIVESelectionCallback (the `tive:` section) and FinalModel (checkpoints/final.ckpt)."""
         tive = TIVESelectionCallback(self._get(self.config_init, "tive"))
         defaults = self.trainer_defaults.get("callbacks", [])
         defaults = defaults if isinstance(defaults, list) else [defaults]
-        self.trainer_defaults = {**self.trainer_defaults, "callbacks": [tive, *defaults]}
+        self.trainer_defaults = {**self.trainer_defaults, "callbacks": [tive, FinalModel(), *defaults]}
         return super().instantiate_trainer(**kwargs)
 
 

@@ -252,7 +252,7 @@ def test_fit_checkpoint_export_round_trip_generates_the_same_tokens(tmp_path, de
     module.eval()
     batch = next(iter(dm.val_dataloader()))
     expected = module.generate_answers(batch, max_new_tokens=6)
-    out = export_checkpoint(str(ckpt), str(tmp_path / "export"))
+    out = export_checkpoint(str(ckpt), str(tmp_path / "export"), dtype="float32")
     model = LlavaForConditionalGeneration.from_pretrained(out).eval()
     processor = AutoProcessor.from_pretrained(out)
     assert not any("lora" in n for n, _ in model.named_parameters())
@@ -477,3 +477,58 @@ def test_every_submodule_trains_in_training_mode(mode, tmp_path):
         module.processor.save_pretrained(tmp_path)
         loaded = LlavaModule(pretrained=str(tmp_path), finetune="lora")
         assert [n for n, m in loaded.named_modules() if not m.training] == []
+
+
+def test_export_reads_the_final_model_of_a_run_folder_in_bfloat16_without_optimizer_state(tmp_path, demo_dm):
+    import json
+
+    from transformers import LlavaForConditionalGeneration
+
+    from lightning_tive.checkpoints import FinalModel
+    from lightning_tive.model.export import export_checkpoint
+
+    module = LlavaModule(tiny=TinyLlavaConfig(), finetune="lora", lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    dm = LlavaDataModule(demo=SMALL_DEMO, max_length=256, batch_size=6, output_dir=str(tmp_path))
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False, num_sanity_val_steps=0,
+        limit_val_batches=0, default_root_dir=tmp_path, callbacks=[FinalModel()],
+        enable_checkpointing=False,
+    )
+    trainer.fit(module, dm)
+    final = tmp_path / "checkpoints" / "final.ckpt"
+    saved = torch.load(final, map_location="cpu", weights_only=True)
+    assert "optimizer_states" not in saved and saved["global_step"] == 2
+    assert set(saved["state_dict"]) == {n for n, _ in module.trainable_parameters()}
+    out = export_checkpoint(tmp_path, tmp_path / "hf")  # the run folder stands for its final model
+    assert (out / "model.safetensors").exists()
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    exported = LlavaForConditionalGeneration.from_pretrained(out, dtype="auto")
+    assert {p.dtype for p in exported.parameters()} == {torch.bfloat16}
+    merged = {n.removeprefix("base_model.model."): p for n, p in module.model.merge_and_unload().named_parameters()}
+    for name, param in exported.named_parameters():
+        torch.testing.assert_close(param, merged[name].detach().to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_a_trained_projector_stays_float32_on_a_bfloat16_base_and_its_lr_2e5_update_survives(tmp_path, demo_dm):
+    tiny = LlavaModule(tiny=TinyLlavaConfig(), finetune="full")
+    tiny.llava.save_pretrained(tmp_path)
+    tiny.processor.save_pretrained(tmp_path)
+    module = LlavaModule(pretrained=str(tmp_path), finetune="lora", torch_dtype="bfloat16")
+    dtypes = {n: p.dtype for n, p in module.trainable_parameters()}
+    assert set(dtypes.values()) == {torch.float32} and any("multi_modal_projector" in n for n in dtypes)
+    assert module.llava.model.language_model.layers[0].mlp.up_proj.base_layer.weight.dtype == torch.bfloat16
+    demo_dm.attach_processor(module.processor)
+    batch = next(iter(demo_dm.pool_dataloader(range(6), batch_size=6)))
+    projector = module.llava.model.multi_modal_projector
+    before = {n: p.detach().clone() for n, p in projector.named_parameters()}
+    optimizer = torch.optim.AdamW([p for _, p in module.trainable_parameters()], lr=2e-5, weight_decay=0.0)
+    module.per_example_loss(batch).mean().backward()  # no autocast: the projector casts its bf16 input
+    optimizer.step()
+    moved = {n: (p.detach() != before[n]).float().mean().item() for n, p in projector.named_parameters()}
+    assert min(moved.values()) > 0.9, moved
+    # the same step on bfloat16 weights rounds most of it away
+    weight = before["linear_1.weight"]
+    step = (projector.linear_1.weight.detach() - weight).to(torch.bfloat16)
+    assert ((weight.to(torch.bfloat16) + step) != weight.to(torch.bfloat16)).float().mean() < 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(module.per_example_loss(batch)).all()

@@ -107,7 +107,7 @@ def test_export_command_writes_the_checkpoint_weights(mode, tmp_path):
     saved = fixture_checkpoint(mode)
     out = tmp_path / "export"
     command = [sys.executable, "-m", "lightning_tive", "export", "--ckpt_path",
-               str(FIXTURES / f"pre_split_{mode}.ckpt"), "--output_dir", str(out)]
+               str(FIXTURES / f"pre_split_{mode}.ckpt"), "--output_dir", str(out), "--dtype", "float32"]
     proc = subprocess.run(command, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -160,7 +160,7 @@ def test_lora_checkpoint_exports_to_a_model_that_generates_the_same(smollm2_gguf
     expected = module.generate_answers(batch, max_new_tokens=8)
     assert any(expected), expected  # real tokens, not an immediate end of turn
 
-    out = export_checkpoint(str(ckpt), str(tmp_path / "export"))
+    out = export_checkpoint(str(ckpt), str(tmp_path / "export"), dtype="float32")
     model = LlavaForConditionalGeneration.from_pretrained(out).eval()
     processor = AutoProcessor.from_pretrained(out)
     tokenizer = processor.tokenizer
