@@ -22,7 +22,7 @@ from lightning_tive.strategies import select_subset
 from lightning_tive.tive.values import instance_values
 from lightning_tive.tive_config import TIVEConfig
 
-SUPPORTED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy", "ModelParallelStrategy")
+SUPPORTED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy", "FSDP2Strategy", "ModelParallelStrategy")
 STATE_VERSION = 1
 
 
@@ -53,7 +53,7 @@ class TIVESelectionCallback(Callback):
         if name not in SUPPORTED_STRATEGIES:
             raise RuntimeError(
                 f"TIVESelectionCallback supports {', '.join(SUPPORTED_STRATEGIES)}, not {name}. To shard the model, "
-                f"use FSDP2 through Lightning's ModelParallelStrategy: {STRATEGY_HELP}. Without sharding use "
+                f"use FSDP2: {STRATEGY_HELP}. Without sharding use "
                 "`trainer.strategy: ddp` (or a single device), or set `tive.enabled: false`."
             )
         if not isinstance(pl_module, TIVEModel):
@@ -98,13 +98,20 @@ class TIVESelectionCallback(Callback):
         if self.selected is None and resume_from and restore_late and Path(str(resume_from)).exists():
             # This strategy (ModelParallelStrategy) restores callbacks only after on_fit_start: read ours now.
             self.load_state_dict(_saved_callback_state(resume_from, self.state_key))
+        comm = Collectives.of(trainer)
+        restored = comm.gather_objects(self.selected is not None)
+        if any(restored) and not all(restored):  # some processes would train on the subset, others on the pool
+            raise RuntimeError(
+                f"a restored TIVE selection is on processes {[r for r, ok in enumerate(restored) if ok]} only: every "
+                f"process must read the same checkpoint ({resume_from})"
+            )
         if self.selected is not None:
+            comm.same_everywhere(self.selected, "the restored TIVE selection")
             rank_zero_info(f"[tive] re-applying the restored selection of {len(self.selected)} examples")
             if is_sharded(trainer.strategy):
                 pl_module.remove_reference_adapter()  # the adapter reserved in setup is not needed
             self._swap(trainer, datamodule)
             return
-        comm = Collectives.of(trainer)
         out = self.output_dir(trainer)
         if trainer.is_global_zero:
             out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,9 @@
   process group's timeout cut to 3 s first (as if NCCL's 30 minutes had passed);
 - `LIGHTNING_TIVE_TEST_SEEN`: a folder where each process appends `{"step", "pool_index"}` per training
   batch to `seen-rank-R.jsonl`;
-- `LIGHTNING_TIVE_TEST_KILL_AT`: every process stops dead (exit code 3) when that global step starts.
+- `LIGHTNING_TIVE_TEST_KILL_AT`: every process stops dead (exit code 3) when that global step starts;
+- `LIGHTNING_TIVE_TEST_HIDE_CHECKPOINT`: that process does not see the checkpoint it resumes from (a node
+  whose disk lacks it).
 
 Lightning's launcher starts the other processes with this same command, so each one patches itself.
 """
@@ -22,11 +24,12 @@ import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
 from lightning_tive import __main__ as entry
-from lightning_tive import cli, phases
+from lightning_tive import cli, phases, sharding
 
 LATE_S = float(os.environ.get("LIGHTNING_TIVE_TEST_STRAGGLER_S", "0"))
 SEEN = os.environ.get("LIGHTNING_TIVE_TEST_SEEN")
 KILL_AT = int(os.environ.get("LIGHTNING_TIVE_TEST_KILL_AT", "-1"))
+HIDE_FROM = os.environ.get("LIGHTNING_TIVE_TEST_HIDE_CHECKPOINT")
 
 
 class Instruments(L.Callback):
@@ -63,6 +66,9 @@ def instrumented_trainer(self, **kwargs):
 
 if LATE_S:
     phases.ReferencePhases.value = late_value
+if HIDE_FROM is not None:
+    _visible = sharding.checkpoint_visible
+    sharding.checkpoint_visible = lambda path: _visible(path) and os.environ.get("LOCAL_RANK", "0") != HIDE_FROM
 cli.TiveCLI.instantiate_trainer = instrumented_trainer
 
 if __name__ == "__main__":

@@ -87,3 +87,13 @@ def forget_last_chunks(run: Path, chunk_size: int = CHUNK_SIZE) -> int:
         markers[-1].unlink()
         removed += len(np.load(folder / name / "indices.npy")) - chunk_size * (len(markers) - 1)
     return removed
+
+
+def seen_batches(folder: Path) -> dict[int, dict[int, list[int]]]:
+    """{rank: {global step: pool indices}} as tests/e2e/driver.py recorded them (LIGHTNING_TIVE_TEST_SEEN)."""
+    out: dict[int, dict[int, list[int]]] = {}
+    for rank in (0, 1):
+        for line in (folder / f"seen-rank-{rank}.jsonl").read_text().splitlines():
+            entry = json.loads(line)
+            out.setdefault(rank, {})[entry["step"]] = entry["pool_index"]
+    return out

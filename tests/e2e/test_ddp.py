@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from parity import assert_same_selection, forget_last_chunks, smoke_fit, tive_overlay
+from parity import assert_same_selection, forget_last_chunks, seen_batches, smoke_fit, tive_overlay
 
 pytestmark = pytest.mark.slow
 
@@ -144,16 +144,6 @@ tive:
 """
 
 
-def seen(folder: Path) -> dict[int, dict[int, list[int]]]:
-    """{rank: {step: pool indices}} from the driver's records."""
-    out: dict[int, dict[int, list[int]]] = {}
-    for rank in (0, 1):
-        for line in (folder / f"seen-rank-{rank}.jsonl").read_text().splitlines():
-            entry = json.loads(line)
-            out.setdefault(rank, {})[entry["step"]] = entry["pool_index"]
-    return out
-
-
 def test_killed_mid_epoch_and_resumed_on_two_processes_sees_what_an_uninterrupted_fit_sees(tmp_path):
     """3 epochs of 3 steps; killed as step 5 starts (epoch 2), resumed from step 4's checkpoint."""
     whole, killed = tmp_path / "whole", tmp_path / "killed"
@@ -164,13 +154,17 @@ def test_killed_mid_epoch_and_resumed_on_two_processes_sees_what_an_uninterrupte
     done = smoke_fit(killed, RESUMABLE.format(root=killed), entry=("tests/e2e/driver.py",), check=False,
                      env={"LIGHTNING_TIVE_TEST_SEEN": str(killed / "seen"), "LIGHTNING_TIVE_TEST_KILL_AT": "5"})
     assert done.returncode != 0 and not (killed / "finished.json").exists()
-    before = seen(killed / "seen")
+    before = seen_batches(killed / "seen")
     (killed / "seen" / "seen-rank-0.jsonl").unlink()
     (killed / "seen" / "seen-rank-1.jsonl").unlink()
     smoke_fit(killed, RESUMABLE.format(root=killed), "--ckpt_path", str(killed / "checkpoints" / "last.ckpt"),
               entry=("tests/e2e/driver.py",), env={"LIGHTNING_TIVE_TEST_SEEN": str(killed / "seen")})
-    after, expected = seen(killed / "seen"), seen(whole / "seen")
+    after, expected = seen_batches(killed / "seen"), seen_batches(whole / "seen")
     assert min(after[0]) == 4 and len(expected[0]) == 9
     for rank in (0, 1):
         assert {**{s: b for s, b in before[rank].items() if s < 4}, **after[rank]} == expected[rank]
     assert expected[0] != expected[1]  # each process its own share
+    # A process that cannot see the checkpoint stops them all at once, named, instead of diverging or hanging.
+    hidden = smoke_fit(killed, RESUMABLE.format(root=killed), "--ckpt_path", str(killed / "checkpoints" / "last.ckpt"),
+                       entry=("tests/e2e/driver.py",), env={"LIGHTNING_TIVE_TEST_HIDE_CHECKPOINT": "1"}, check=False)
+    assert hidden.returncode != 0 and "not visible to process(es) [1]" in hidden.stderr

@@ -11,17 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from parity import ROOT, assert_same_selection, forget_last_chunks, smoke_fit, tive_overlay
+from parity import ROOT, assert_same_selection, forget_last_chunks, seen_batches, smoke_fit, tive_overlay
 
 pytestmark = pytest.mark.slow
 
 SHARDED = """
   strategy:
-    class_path: lightning.pytorch.strategies.ModelParallelStrategy
+    class_path: lightning_tive.sharding.FSDP2Strategy
     init_args:
-      data_parallel_size: 2
-      tensor_parallel_size: 1
-      save_distributed_checkpoint: false
+      replicate_size: {replicas}
   limit_val_batches: 2
   callbacks:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
@@ -37,13 +35,13 @@ UNSHARDED = """
 """
 
 
-def run(tmp: Path, devices: int, *extra: str) -> subprocess.CompletedProcess:
+def run(tmp: Path, devices: int, *extra: str, replicas: int = 1, **fit_options) -> subprocess.CompletedProcess:
     trainer = f"""
 trainer:
   devices: {devices}
   logger: false
-  default_root_dir: {tmp}{SHARDED if devices > 1 else UNSHARDED}"""
-    return smoke_fit(tmp, trainer + tive_overlay(tmp), *extra)
+  default_root_dir: {tmp}{SHARDED.format(replicas=replicas) if devices > 1 else UNSHARDED}"""
+    return smoke_fit(tmp, trainer + tive_overlay(tmp), *extra, **fit_options)
 
 
 def ranks(tmp: Path) -> list[dict]:
@@ -74,26 +72,33 @@ def test_both_processes_valued_their_shards_with_one_adapter_and_trained(runs):
     assert json.loads((two / "finished.json").read_text())["global_step"] >= 2
 
 
-def test_checkpoint_keeps_trainable_weights_and_exports(runs, tmp_path):
-    _, two, _ = runs
-    ckpt = two / "checkpoints" / "last.ckpt"
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
-    state = checkpoint["state_dict"]
-    assert sorted(state) == checkpoint["lightning_tive_trainable"]
-    assert not any("tive_reference" in k or "base_layer" in k for k in state)
-    assert all(not hasattr(v, "device_mesh") for v in state.values())  # whole tensors, not shards
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "lightning_tive", "export", "--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "hf")]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_sharded_checkpoints_keep_trainable_weights_and_export(runs, tmp_path):
+    """Each process wrote its own shards (no process gathered the model); export reads the final model's shards."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     from transformers import LlavaForConditionalGeneration
 
+    _, two, _ = runs
+    for name in ("last.ckpt", "final.ckpt"):
+        folder = two / "checkpoints" / name
+        assert folder.is_dir() and sorted(p.name for p in folder.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    meta = torch.load(two / "checkpoints" / "final.ckpt" / "meta.pt", weights_only=True)
+    assert "optimizer_states" not in meta and "optimizer_0" not in str(sorted(meta))
+    dcp_to_torch_save(two / "checkpoints" / "final.ckpt", tmp_path / "final.pt")
+    state = torch.load(tmp_path / "final.pt", weights_only=True)["state_dict"]
+    assert sorted(state) == meta["lightning_tive_trainable"]
+    assert not any("tive_reference" in k or "base_layer" in k for k in state)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "lightning_tive", "export", "--ckpt_path", str(two), "--output_dir", str(tmp_path / "hf"),
+           "--dtype", "float32"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
     exported = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").state_dict()
     for key, value in state.items():
         assert torch.equal(exported[key.removeprefix("model.")], value), key
+    assert json.loads((two / "finished.json").read_text())["final_model"] == str(two / "checkpoints" / "final.ckpt")
 
 
-def test_fit_resumes_from_a_sharded_checkpoint(runs, tmp_path):
+def test_fit_resumes_from_a_folder_of_shards(runs, tmp_path):
     _, two, _ = runs
     copy = tmp_path / "resumed"
     shutil.copytree(two, copy)
@@ -116,3 +121,65 @@ def test_resumed_sharded_valuation_continues_from_its_shards(runs):
     assert {r["reference_adapter_sha256"] for r in records} == {adapter}
     after = json.loads((two / "tive" / "summary.json").read_text())
     assert after["tasks"] == before["tasks"]
+
+
+def test_hsdp_replicas_select_as_one_process_does(runs, tmp_path):
+    """replicate_size 2 on 2 processes: each holds the whole model (a shard group of one), replicas all-reduce."""
+    one, _, _ = runs
+    run(tmp_path, 2, replicas=2)
+    assert_same_selection(one, tmp_path)
+    assert (tmp_path / "checkpoints" / "final.ckpt" / "__1_0.distcp").exists()
+
+
+RESUMABLE = """
+trainer:
+  devices: 2
+  logger: false
+  default_root_dir: {root}
+  strategy:
+    class_path: lightning_tive.sharding.FSDP2Strategy
+  max_epochs: 3
+  limit_train_batches: null
+  limit_val_batches: 0
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args:
+        save_last: true
+        save_top_k: 0
+        every_n_train_steps: 2
+data:
+  group_by_length: true
+tive:
+  strategy: random
+"""
+
+
+def test_killed_mid_epoch_and_resumed_from_shards_trains_the_uninterrupted_model(tmp_path):
+    """3 epochs of 3 steps under FSDP2; killed as step 5 starts, resumed from step 4's shards: the same
+    batches on every process and the same final weights as an uninterrupted fit."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    for root in (whole, killed):
+        (root / "seen").mkdir(parents=True)
+    driver = ("tests/e2e/driver.py",)
+    smoke_fit(whole, RESUMABLE.format(root=whole), entry=driver, env={"LIGHTNING_TIVE_TEST_SEEN": str(whole / "seen")})
+    done = smoke_fit(killed, RESUMABLE.format(root=killed), entry=driver, check=False,
+                     env={"LIGHTNING_TIVE_TEST_SEEN": str(killed / "seen"), "LIGHTNING_TIVE_TEST_KILL_AT": "5"})
+    assert done.returncode != 0 and not (killed / "checkpoints" / "final.ckpt").exists()
+    before = seen_batches(killed / "seen")
+    for rank in (0, 1):
+        (killed / "seen" / f"seen-rank-{rank}.jsonl").unlink()
+    smoke_fit(killed, RESUMABLE.format(root=killed), "--ckpt_path", str(killed / "checkpoints" / "last.ckpt"),
+              entry=driver, env={"LIGHTNING_TIVE_TEST_SEEN": str(killed / "seen")})
+    after, expected = seen_batches(killed / "seen"), seen_batches(whole / "seen")
+    assert min(after[0]) == 4 and len(expected[0]) == 9
+    for rank in (0, 1):
+        assert {**{s: b for s, b in before[rank].items() if s < 4}, **after[rank]} == expected[rank]
+    finals = []
+    for root in (whole, killed):
+        dcp_to_torch_save(root / "checkpoints" / "final.ckpt", root / "final.pt")
+        finals.append(torch.load(root / "final.pt", weights_only=True)["state_dict"])
+    assert finals[0].keys() == finals[1].keys()
+    for name in finals[0]:
+        torch.testing.assert_close(finals[1][name], finals[0][name], rtol=0, atol=1e-6, msg=name)
