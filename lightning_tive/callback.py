@@ -117,8 +117,8 @@ class TIVESelectionCallback(Callback):
             out.mkdir(parents=True, exist_ok=True)
         comm.barrier("tive-output-dir")
         values, timings, run = self._values(trainer, pl_module, datamodule, out, comm)
-        result = None
-        if trainer.is_global_zero:
+
+        def select() -> tuple:
             clock = time.perf_counter()
             result = select_subset(self.config, datamodule, values)
             timings["selection_s"] = time.perf_counter() - clock + timings.pop("values_s", 0.0)
@@ -128,16 +128,17 @@ class TIVESelectionCallback(Callback):
                 "training": datamodule.padding_efficiency(result.selected_indices)
                 if hasattr(datamodule, "padding_efficiency") else None,
             }
-            payload = (result.selected_indices.tolist(), summary)
-        else:
-            payload = None
+            return result, summary
+
+        # Process 0 selects and writes; a failure there stops every process (not only the one waiting).
+        result, summary = comm.on_first(select, "select the subset") or (None, None)
+        payload = (result.selected_indices.tolist(), summary) if result is not None else None
         selected, self.summary = comm.broadcast_object(payload)
         self.selected = np.asarray(selected, dtype=np.int64)
         digest = comm.same_everywhere(self.selected, "the TIVE selection")
         report.write_rank_record(out, comm.rank, comm.world_size, digest, run["adapter_sha256"], run["valued_now"])
-        if trainer.is_global_zero:
-            report.write_outputs(out, datamodule, result, self.selected, self.summary, trainer.loggers)
-        comm.barrier("tive-outputs")
+        comm.on_first(lambda: report.write_outputs(out, datamodule, result, self.selected, self.summary, trainer.loggers),
+                      "write the selection's files")
         if self.config.stop_after_selection:
             rank_zero_info(f"[tive] selection written to {out}; stop_after_selection is set, so nothing is trained")
             trainer.should_stop = True

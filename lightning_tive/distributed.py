@@ -10,6 +10,7 @@ import hashlib
 import itertools
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -143,6 +144,25 @@ class Collectives:
                         f"processes to {what}", flush=True,
                     )
         self.barrier(name)
+
+    def on_first(self, fn: Callable[[], Any], what: str) -> Any:
+        """`fn()` on process 0 (its result there, None elsewhere); if it raises, every process raises.
+
+        Alone, process 0's exception would leave the others waiting in their next collective until the
+        process group's timeout.
+        """
+        result, error = None, None
+        if self.rank == 0:
+            try:
+                result = fn()
+            except Exception as err:  # noqa: BLE001 (re-raised below, on every process)
+                error = err
+        failure = self.broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        if failure is not None:
+            raise RuntimeError(f"process 0 failed to {what}: {failure}")
+        return result
 
     def same_everywhere(self, array: np.ndarray, what: str) -> str:
         """Refuse to go on unless every process holds the identical array; returns its digest."""

@@ -225,7 +225,7 @@ def test_unsupported_strategy_is_refused_before_any_work(tmp_path):
     class FakeTrainer:
         strategy = FSDPStrategy.__new__(FSDPStrategy)
 
-    with pytest.raises(RuntimeError, match="not FSDPStrategy. To shard the model, use FSDP2 .*ModelParallelStrategy"):
+    with pytest.raises(RuntimeError, match="not FSDPStrategy. To shard the model, use FSDP2: .*lightning_tive.sharding.FSDP2Strategy"):
         tive.setup(FakeTrainer(), LlavaModule.__new__(LlavaModule), "fit")
 
     class DeepSpeedStrategy:  # the real one needs the deepspeed package; the callback goes by the class name

@@ -126,3 +126,31 @@ def test_a_mismatched_saved_adapter_is_refused_by_every_process_before_any_weigh
     comm = TwoProcessView(1, from_zero=[True, weight])
     load_adapter([("a.lora_A", layer)], [], tmp_path / "adapter.pt", comm)
     assert torch.equal(layer.weight, weight) and comm.entered == ["broadcast_object", "broadcast_"]
+
+
+class TwoProcesses(Collectives):
+    """Process `rank` of two, whose broadcasts carry what process 0 last sent."""
+
+    def __init__(self, rank: int, sent: list) -> None:
+        super().__init__(2, rank, "cpu")
+        self.sent = sent
+
+    def broadcast_object(self, obj, src=0):
+        if self.rank == src:
+            self.sent.append(obj)
+            return obj
+        return self.sent[-1]
+
+
+def test_a_failure_on_process_zero_stops_every_process_not_only_the_first():
+    sent: list = []
+
+    def fails():
+        raise ValueError("disk full")
+
+    with pytest.raises(ValueError, match="disk full"):
+        TwoProcesses(0, sent).on_first(fails, "write the files")
+    with pytest.raises(RuntimeError, match="process 0 failed to write the files: ValueError: disk full"):
+        TwoProcesses(1, sent).on_first(lambda: pytest.fail("runs on process 0 only"), "write the files")
+    assert TwoProcesses(0, sent).on_first(lambda: 3, "count") == 3
+    assert TwoProcesses(1, sent).on_first(lambda: pytest.fail("process 0 only"), "count") is None
