@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,9 @@ from lightning_tive.tive.store import (
     write_shard_index,
 )
 from lightning_tive.tive.values import ArrayFeatures
+
+# Notices a user must see: logging, which PYTHONWARNINGS=ignore does not silence.
+log = logging.getLogger("lightning_tive")
 
 
 class PlainFeatures(ArrayFeatures):
@@ -136,10 +139,9 @@ def open_features(folder: Path, datamodule: Any) -> tuple[Any, np.ndarray, dict]
             f"tive.features_from={folder}: features {features.shape} / grad_norms {norms.shape} do not match "
             f"the pool of {pool} examples"
         )
-    warnings.warn(
+    log.warning(
         f"tive.features_from={folder} has no meta.json: its shape matches the pool, but which model, "
-        "adapter and projection produced it cannot be checked",
-        stacklevel=2,
+        "adapter and projection produced it cannot be checked"
     )
     return PlainFeatures(np.asarray(features), norms), np.arange(pool), {}
 
@@ -159,7 +161,7 @@ def _check_pool(folder: Path, extras: list[dict], datamodule: Any, stored_size: 
         )
     recorded = {extra.get("pool") for extra in extras if extra.get("pool")}
     if not recorded:
-        warnings.warn(f"tive.features_from={folder} records no pool fingerprint; it cannot be checked", stacklevel=3)
+        log.warning(f"tive.features_from={folder} records no pool fingerprint; it cannot be checked")
         return
     current = pool_fingerprint(datamodule)
     if recorded != {current}:

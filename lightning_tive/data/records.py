@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+# Notices a user must see: logging, which PYTHONWARNINGS=ignore does not silence.
+log = logging.getLogger("lightning_tive")
 
 try:
     import fcntl
@@ -125,7 +128,7 @@ class SkipLog:
             return
         line = json.dumps({"id": record_id, "position": position, "reason": reason, "stage": stage})
         if self.path is None:
-            warnings.warn(f"skipped record id={record_id!r} at position {position}: {reason}", stacklevel=2)
+            log.warning(f"skipped record id={record_id!r} at position {position}: {reason}")
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:

@@ -17,9 +17,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -27,6 +27,9 @@ from typing import Any
 import numpy as np
 
 from .values import TaskStats, as_feature_source, instance_values, task_values
+
+# Notices a user must see: logging, which PYTHONWARNINGS=ignore does not silence.
+log = logging.getLogger("lightning_tive")
 
 __all__ = [
     "SAMPLING_MODES",
@@ -114,11 +117,7 @@ def allocate_budgets(
     eligible = ~excluded & (counts > 0) & np.isfinite(vals) & (vals > 0)
     dropped = [names[i] for i in np.flatnonzero(~excluded & ~eligible)]
     if dropped:
-        warnings.warn(
-            f"task(s) {dropped} get no budget: no finite example, or a zero / non-finite task value",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        log.warning(f"task(s) {dropped} get no budget: no finite example, or a zero / non-finite task value")
     budgets = np.zeros(len(names), dtype=np.int64)
     if total == 0:
         return budgets

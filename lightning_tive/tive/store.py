@@ -25,8 +25,8 @@ files), then open it on the others; each process may then write its own chunks.
 from __future__ import annotations
 
 import json
+import logging
 import os
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,9 @@ from typing import Any
 import numpy as np
 
 from lightning_tive.files import atomic_write
+
+# Notices a user must see: logging, which PYTHONWARNINGS=ignore does not silence.
+log = logging.getLogger("lightning_tive")
 
 __all__ = ["FeatureStore", "ShardedFeatures", "shard_indices", "write_shard_index"]
 
@@ -281,12 +284,10 @@ class FeatureStore:
         # Overflow turns a row into inf; a typical entry below float16's smallest normal keeps < 10 bits.
         if (peak > FP16_MAX).any() or ((rms > 0) & (rms < FP16_TINY)).any():
             self._warned_range = True
-            warnings.warn(
+            log.warning(
                 "some gradient features fall outside float16's range (an entry above 65504 overflows; a row "
                 f"whose typical entry is below {FP16_TINY:.1e} loses precision); store them as float32 "
-                "(dtype='float32')",
-                RuntimeWarning,
-                stacklevel=3,
+                "(dtype='float32')"
             )
 
     def read_norms(self) -> np.ndarray:

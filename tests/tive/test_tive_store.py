@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -154,13 +153,11 @@ def test_bad_chunks_are_refused(tmp_path):
         ([0.0, 0.0, 0.0], False),
     ],
 )
-def test_float16_range_problems_warn(tmp_path, row, warns):
+def test_float16_range_problems_warn(tmp_path, row, warns, caplog):
     store = FeatureStore(tmp_path, 2, 3, chunk_size=2)
     feats = np.array([[1.0, 2.0, 3.0], row], dtype=np.float32)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        store.write_chunk(0, np.arange(2), feats, np.ones(2))
-    assert any("float16" in str(w.message) for w in caught) == warns
+    store.write_chunk(0, np.arange(2), feats, np.ones(2))
+    assert ("outside float16's range" in caplog.text) == warns
 
 
 def test_columns_land_at_their_pool_index_and_unwritten_rows_read_nan(tmp_path):
