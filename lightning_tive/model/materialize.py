@@ -85,18 +85,28 @@ def align_skeleton(model: torch.nn.Module, spec: list[tuple[str, list[int], str]
                     slots[key] = converted
 
 
-def broadcast_weights(model: torch.nn.Module, source: dict[str, torch.Tensor] | None, comm: Collectives,
-                      device: torch.device) -> None:
-    """Fill every tensor of `model` from process 0's `source` (whole tensors), one tensor at a time.
+def broadcast_weights(model: torch.nn.Module, spec: list[tuple[str, list[int], str]], source: dict[str, torch.Tensor] | None,
+                      comm: Collectives, device: torch.device) -> None:
+    """Fill every tensor of `model` named in process 0's `spec` from its `source` (whole tensors), one at a time.
 
-    On process 0 `source` holds the real values (None elsewhere); every process's tensor (or its shard of
-    a DTensor) is overwritten, process 0's own included (cheap, and one code path).
+    On process 0 `source` holds the real values (None elsewhere). The spec's names (a tied weight
+    once) fix the order on every process; each process's tensor (or its shard of a DTensor) is
+    overwritten, process 0's own included (one code path).
     """
-    targets = named_tensors(model)
-    for name in sorted(targets):
-        target = targets[name]
-        shape = target.shape  # a DTensor's shape is the whole tensor's
-        value = source[name].to(device) if source is not None else torch.empty(shape, dtype=target.dtype, device=device)
+    for name, shape, dtype in spec:
+        target = _tensor(model, name)
+        if source is not None:
+            value = source[name].to(device)
+        else:
+            value = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
         comm.broadcast_(value)
         if is_dtensor(target) or target.device != value.device or target.data_ptr() != value.data_ptr():
             copy_full_(target, value)
+
+
+def _tensor(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """The parameter or buffer called `name`."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    found = module._parameters.get(leaf)
+    return found if found is not None else module._buffers[leaf]

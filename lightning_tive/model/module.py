@@ -179,11 +179,11 @@ class LlavaModule(FSDPMixin, ReferenceAdapterMixin, EvaluationMixin, L.Lightning
         self.shard_model()
         if not first:
             self.model.to_empty(device=device)
+            if self.llava.config.get_text_config().tie_word_embeddings:
+                self.llava.tie_weights()  # to_empty gave the tied alias a tensor of its own
         elif not self.sharded:
             self.model.to(device)
-        broadcast_weights(self.model, source, comm, device)
-        if not first and self.llava.config.get_text_config().tie_word_embeddings:
-            self.llava.tie_weights()  # to_empty gave the tied alias a tensor of its own
+        broadcast_weights(self.model, spec, source, comm, device)
 
     @property
     def llava(self) -> Any:
