@@ -10,9 +10,11 @@ random CLIP tower (fetched with `python -m lightning_tive fetch-smollm2`; DDP on
 it off FSDP2), and on a wider random tiny LLaVA (~0.1 B parameters, so the model and not the process's own
 ~35 MB of overhead dominates; the default tiny model is 3 MB).
 
-On a CPU the "device" is host memory: a process's own shard (FSDP2: half the model) or replica (DDP: all
-of it) counts in its RSS. The figure that the meta build changes is a process's peak *besides* its
-resident weights: `transient = peak growth - resident`, against the model's bytes.
+Figures are peak RSS growth over the process's RSS before the module was built, as multiples of the
+model's bytes: in `__init__` (what the issue calls host RAM at start: every process built the whole
+model; now only process 0 does, the others a meta skeleton), and once configure_model has placed the
+weights, less what stays resident as the process's own shard or replica (on a CPU the "device" is host
+memory; on a GPU it is not).
 
     python scripts/bench_build_memory.py                 # wide tiny and SmolLM2, FSDP2 and DDP, before and now
     python scripts/bench_build_memory.py --models tiny --strategies fsdp --before none   # a smoke run
@@ -33,14 +35,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 DRIVER = r'''
-import json, os, resource, sys
+import json, os, sys
 from pathlib import Path
 sys.path.insert(0, os.environ["BENCH_REPO"])
 
-def rss_mb():
+def status_mb(field):
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
+
+
+def rss_mb():
+    return status_mb("VmRSS")
+
+
+def peak_mb():
+    # VmHWM, not ru_maxrss: a process started by fork + exec inherits its parent's ru_maxrss
+    return status_mb("VmHWM")
 
 import lightning as L
 import torch
@@ -61,6 +72,17 @@ else:
                                         "num_attention_heads": 4, "image_size": 64, "patch_size": 8},
                          finetune="full")
 built = rss_mb()
+built_peak = peak_mb()
+configured = {}
+_configure = type(module).configure_model
+
+
+def configure_and_measure(self):
+    _configure(self)
+    configured["peak_mb"] = peak_mb()
+
+
+type(module).configure_model = configure_and_measure
 
 
 def whole_bytes(model):
@@ -80,8 +102,9 @@ def local_bytes(model):
 
 class Report(L.Callback):
     def on_fit_start(self, trainer, pl_module):
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        record = {"rank": trainer.global_rank, "rss_before_mb": before, "rss_built_mb": built, "peak_mb": peak,
+        peak = peak_mb()
+        record = {"rank": trainer.global_rank, "rss_before_mb": before, "rss_built_mb": built,
+                  "built_peak_mb": built_peak, "configured_peak_mb": configured["peak_mb"], "peak_mb": peak,
                   "model_mb": whole_bytes(pl_module.model) / 2**20, "resident_mb": local_bytes(pl_module.model) / 2**20}
         (out / f"rank-{trainer.global_rank}.json").write_text(json.dumps(record))
 
@@ -110,15 +133,19 @@ def run_arm(repo: Path, model: str, strategy: str, work: Path, smollm2: str | No
 
 
 def summarise(records: list[dict]) -> dict:
-    """Per process: peak growth over its RSS before the build, resident weights, and the rest, in model bytes."""
+    """Per process, in model bytes: the build's peak in `__init__` (host memory at start: the whole model
+    or a skeleton), the peak once configure_model has placed the weights (less what stays resident as
+    this process's shard or replica: the build's transient), and the peak at the fit's start (the
+    strategy's own buffers added, e.g. DDP's gradient buckets)."""
     out = {}
     for r in records:
-        growth = r["peak_mb"] - r["rss_before_mb"]
+        model, base, resident = r["model_mb"], r["rss_before_mb"], r["resident_mb"]
         out[f"rank{r['rank']}"] = {
-            "model_mb": round(r["model_mb"], 1), "peak_growth_mb": round(growth, 1),
-            "peak_growth_over_model": round(growth / r["model_mb"], 3),
-            "resident_over_model": round(r["resident_mb"] / r["model_mb"], 3),
-            "transient_over_model": round((growth - r["resident_mb"]) / r["model_mb"], 3),
+            "model_mb": round(model, 1),
+            "init_peak_over_model": round((r["built_peak_mb"] - base) / model, 3),
+            "resident_over_model": round(resident / model, 3),
+            "configure_transient_over_model": round((r["configured_peak_mb"] - base - resident) / model, 3),
+            "fit_start_peak_over_model": round((r["peak_mb"] - base) / model, 3),
         }
     return out
 
@@ -155,9 +182,10 @@ def main(argv: list[str] | None = None) -> dict:
                     records = run_arm(repo, model, strategy, work / f"{name}-{model}-{strategy}", smollm2)
                     result[f"{model}/{strategy}/{name}"] = summarise(records)
                     for rank, row in result[f"{model}/{strategy}/{name}"].items():
-                        print(f"{model:8s} {strategy:5s} {name:7s} {rank}: peak growth {row['peak_growth_mb']:8.1f} MB "
-                              f"= {row['peak_growth_over_model']:.2f} model (resident {row['resident_over_model']:.2f}, "
-                              f"transient {row['transient_over_model']:.2f}); model {row['model_mb']:.0f} MB")
+                        print(f"{model:8s} {strategy:5s} {name:7s} {rank}: in __init__ {row['init_peak_over_model']:5.2f}, "
+                              f"resident {row['resident_over_model']:4.2f}, configure transient "
+                              f"{row['configure_transient_over_model']:5.2f}, at fit start "
+                              f"{row['fit_start_peak_over_model']:5.2f} x the model ({row['model_mb']:.0f} MB)")
     finally:
         if args.before != "none":
             subprocess.run(["git", "worktree", "remove", "--force", str(work / "before")], cwd=ROOT, capture_output=True)
