@@ -176,8 +176,7 @@ class ReferencePhases:
         step = 0
         bar = progress(trainer, steps_per_epoch * config.warmup_epochs, "TIVE warm-up")
         for epoch in range(config.warmup_epochs):
-            order = np.random.default_rng([config.seed, epoch]).permutation(indices)
-            global_batches = [order[k : k + global_batch] for k in range(0, len(order), global_batch)]
+            global_batches = self.warmup_batches(indices, global_batch, epoch)
             loader = self.datamodule.pool_dataloader(batches=[b[comm.rank :: comm.world_size] for b in global_batches])
             for batch, whole in zip(loader, global_batches, strict=True):
                 if self.sharded:
@@ -198,6 +197,18 @@ class ReferencePhases:
         bar.close()
         for p in extra_params:  # valuation differentiates the adapter only
             p.requires_grad_(False)
+
+    def warmup_batches(self, indices: np.ndarray, global_batch: int, epoch: int) -> list[np.ndarray]:
+        """The warm-up epoch's global batches: shuffled, or (with the DataModule's `group_by_length` and
+        known lengths) grouped by length as the training batches are, so the processes' slices of a
+        step are alike in length (each process takes every W-th example of a sorted global batch)."""
+        if self.lengths is None or not getattr(self.datamodule, "group_by_length", False):
+            order = np.random.default_rng([self.config.seed, epoch]).permutation(indices)
+            return [order[k : k + global_batch] for k in range(0, len(order), global_batch)]
+        from lightning_tive.data.sampling import epoch_plan
+
+        plan = epoch_plan(self.lengths[indices], global_batch, 1, self.config.seed, epoch, group_by_length=True)
+        return [indices[b] for b in plan]
 
     def _warmup_step(self, batch: dict, global_size: int, params: list) -> float:
         """Set `.grad` of `params` to the global batch's gradient; returns the global batch's loss."""

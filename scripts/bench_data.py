@@ -10,7 +10,8 @@
 2. Padding efficiency (real tokens / padded tokens) of the training batches and the valuation
    batches, on the synthetic pool's token lengths (image records hold 576 image tokens, as
    LLaVA-1.5-7B's CLIP-L/14-336) and on the demo pool: a shuffled DistributedSampler against the
-   length-grouped distributed sampler, and valuation in pool order against length-sorted shards.
+   length-grouped distributed sampler (megabatches of 50 global batches) and LLaVA's own grouping
+   (megabatches of one global batch), and valuation in pool order against length-sorted shards.
 
     python scripts/bench_data.py                         # 665K records, 8 processes x batch 16, valuation batch 8
     python scripts/bench_data.py --records 20000 --quick # a smoke run (tests/test_bench_data.py)
@@ -138,13 +139,45 @@ def checkout(revision: str, into: Path) -> Path:
 
 
 def padding_table(lengths: np.ndarray, world: int, batch: int, valuation_batch: int, chunk: int) -> dict:
-    """Padding efficiency: training (shuffled vs grouped) and valuation (pool order vs sorted shards)."""
+    """Padding efficiency: training (shuffled, grouped, LLaVA's sampler) and valuation (pool order vs sorted shards).
+
+    `training_*`: real tokens / padded tokens over every process's batches. `training_lockstep_*`: under
+    FSDP (or ZeRO-3) every step waits for its slowest process, so real tokens / (processes x the
+    step's longest batch in tokens).
+    """
     from lightning_tive.data.sampling import epoch_plan, padding_efficiency, rank_batches
     from lightning_tive.tive.store import shard_indices
 
-    def training(group: bool) -> float:
+    def steps_of(group: bool) -> list[list[np.ndarray]]:
         plan = epoch_plan(lengths, batch, world, seed=0, epoch=0, group_by_length=group)
-        return padding_efficiency([b for r in range(world) for b in rank_batches(plan, world, r)], lengths)
+        per_rank = [rank_batches(plan, world, r) for r in range(world)]
+        return [[per_rank[r][s] for r in range(world)] for s in range(len(plan))]
+
+    def llava_steps() -> list[list[np.ndarray]]:
+        """LLaVA's LengthGroupedSampler: megabatches of one global batch sorted by length, dealt to the
+        processes by `split_to_even_chunks` (each index to the process with the fewest tokens so far)."""
+        plan = epoch_plan(lengths, batch, world, seed=0, epoch=0, group_by_length=True, megabatch_factor=1)
+        steps = []
+        for global_batch in plan:
+            if len(global_batch) % world:
+                steps.append([global_batch[r::world] for r in range(world)])
+                continue
+            chunks, totals = [[] for _ in range(world)], [0] * world
+            for index in global_batch:
+                open_ = [r for r in range(world) if len(chunks[r]) < len(global_batch) // world]
+                r = min(open_, key=lambda k: totals[k])
+                chunks[r].append(index)
+                totals[r] += abs(int(lengths[index]))
+            steps.append([np.asarray(c, dtype=np.int64) for c in chunks])
+        return steps
+
+    def per_batch(steps: list[list[np.ndarray]]) -> float:
+        return padding_efficiency([b for step in steps for b in step], lengths)
+
+    def paced(steps: list[list[np.ndarray]]) -> float:
+        real = sum(int(np.abs(lengths[b]).sum()) for step in steps for b in step)
+        slowest = sum(len(step) * max(len(b) * int(np.abs(lengths[b]).max()) for b in step if len(b)) for step in steps)
+        return real / slowest
 
     def valuation(sorted_shards: bool) -> float:
         batches = []
@@ -157,17 +190,12 @@ def padding_table(lengths: np.ndarray, world: int, batch: int, valuation_batch: 
             batches += [rows[k : k + valuation_batch] for k in range(0, len(rows), valuation_batch)]
         return padding_efficiency(batches, lengths)
 
-    # Under FSDP every step waits for its slowest process: tokens computed / tokens of the longest batch x processes.
-    def lockstep(group: bool) -> float:
-        plan = epoch_plan(lengths, batch, world, seed=0, epoch=0, group_by_length=group)
-        per_rank = [rank_batches(plan, world, r) for r in range(world)]
-        real = sum(int(np.abs(lengths[b]).sum()) for r in per_rank for b in r)
-        paced = sum(world * batch * max(int(np.abs(lengths[r[s]]).max()) for r in per_rank) for s in range(len(per_rank[0])))
-        return real / paced
-
+    shuffled, grouped, llava = steps_of(False), steps_of(True), llava_steps()
     return {
-        "training_shuffled": training(False), "training_grouped": training(True),
-        "training_lockstep_shuffled": lockstep(False), "training_lockstep_grouped": lockstep(True),
+        "training_shuffled": per_batch(shuffled), "training_grouped": per_batch(grouped),
+        "training_llava_sampler": per_batch(llava),
+        "training_lockstep_shuffled": paced(shuffled), "training_lockstep_grouped": paced(grouped),
+        "training_lockstep_llava_sampler": paced(llava),
         "valuation_pool_order": valuation(False), "valuation_sorted_shards": valuation(True),
     }
 
