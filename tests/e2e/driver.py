@@ -39,7 +39,8 @@ class Instruments(L.Callback):
         if trainer.global_step == KILL_AT:
             os._exit(3)  # a kill: no hooks, no checkpoint
         if SEEN:
-            line = json.dumps({"step": trainer.global_step, "pool_index": batch["pool_index"].tolist()})
+            sampler = type(trainer.train_dataloader.sampler).__name__  # not wrapped by Lightning
+            line = json.dumps({"step": trainer.global_step, "pool_index": batch["pool_index"].tolist(), "sampler": sampler})
             with open(Path(SEEN) / f"seen-rank-{trainer.global_rank}.jsonl", "a") as f:
                 f.write(line + "\n")
 

@@ -95,5 +95,6 @@ def seen_batches(folder: Path) -> dict[int, dict[int, list[int]]]:
     for rank in (0, 1):
         for line in (folder / f"seen-rank-{rank}.jsonl").read_text().splitlines():
             entry = json.loads(line)
+            assert entry["sampler"] == "ResumableDistributedSampler", entry["sampler"]  # Lightning left it in place
             out.setdefault(rank, {})[entry["step"]] = entry["pool_index"]
     return out
