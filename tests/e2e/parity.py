@@ -98,3 +98,55 @@ def seen_batches(folder: Path) -> dict[int, dict[int, list[int]]]:
             assert entry["sampler"] == "ResumableDistributedSampler", entry["sampler"]  # Lightning left it in place
             out.setdefault(rank, {})[entry["step"]] = entry["pool_index"]
     return out
+
+
+RESUMABLE = """
+trainer:
+  devices: 2
+  logger: false
+  default_root_dir: {root}
+  strategy: {strategy}
+  max_epochs: 3
+  limit_train_batches: null
+  limit_val_batches: 0
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args:
+        save_last: true
+        save_top_k: 0
+        every_n_train_steps: 2
+data:
+  group_by_length: true
+tive:
+  strategy: random
+"""
+DRIVER = ("tests/e2e/driver.py",)
+
+
+def resumable(root: Path, strategy: str) -> str:
+    """RESUMABLE for a run folder and a `trainer.strategy` value (YAML)."""
+    return RESUMABLE.replace("{root}", str(root)).replace("{strategy}", strategy)
+KILL_AT, RESUME_AT = 5, 4  # 3 epochs of 3 steps: killed as step 5 starts (epoch 2), resumed from step 4's checkpoint
+
+
+def kill_and_resume(tmp: Path, strategy: str) -> tuple[Path, Path]:
+    """An uninterrupted 2-process fit, and one killed mid-epoch then resumed from its last checkpoint; returns
+    both run folders after checking that every process trained the same batches in both."""
+    whole, killed = tmp / "whole", tmp / "killed"
+    for root in (whole, killed):
+        (root / "seen").mkdir(parents=True)
+    smoke_fit(whole, resumable(whole, strategy), entry=DRIVER, env={"LIGHTNING_TIVE_TEST_SEEN": str(whole / "seen")})
+    done = smoke_fit(killed, resumable(killed, strategy), entry=DRIVER, check=False,
+                     env={"LIGHTNING_TIVE_TEST_SEEN": str(killed / "seen"), "LIGHTNING_TIVE_TEST_KILL_AT": str(KILL_AT)})
+    assert done.returncode != 0 and not (killed / "finished.json").exists()
+    before = seen_batches(killed / "seen")
+    for rank in (0, 1):
+        (killed / "seen" / f"seen-rank-{rank}.jsonl").unlink()
+    smoke_fit(killed, resumable(killed, strategy), "--ckpt_path", str(killed / "checkpoints" / "last.ckpt"),
+              entry=DRIVER, env={"LIGHTNING_TIVE_TEST_SEEN": str(killed / "seen")})
+    after, expected = seen_batches(killed / "seen"), seen_batches(whole / "seen")
+    assert min(after[0]) == RESUME_AT and len(expected[0]) == 9
+    for rank in (0, 1):
+        assert {**{s: b for s, b in before[rank].items() if s < RESUME_AT}, **after[rank]} == expected[rank]
+    assert expected[0] != expected[1]  # each process its own share
+    return whole, killed

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from parity import assert_same_selection, forget_last_chunks, seen_batches, smoke_fit, tive_overlay
+from parity import (
+    DRIVER,
+    assert_same_selection,
+    forget_last_chunks,
+    kill_and_resume,
+    resumable,
+    smoke_fit,
+    tive_overlay,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -122,49 +130,10 @@ tive:
     assert len(json.loads((tmp_path / "tive" / "subset.json").read_text())) == 2
 
 
-RESUMABLE = """
-trainer:
-  devices: 2
-  strategy: ddp
-  logger: false
-  default_root_dir: {root}
-  max_epochs: 3
-  limit_train_batches: null
-  limit_val_batches: 0
-  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args:
-        save_last: true
-        save_top_k: 0
-        every_n_train_steps: 2
-data:
-  group_by_length: true
-tive:
-  strategy: random
-"""
-
-
 def test_killed_mid_epoch_and_resumed_on_two_processes_sees_what_an_uninterrupted_fit_sees(tmp_path):
     """3 epochs of 3 steps; killed as step 5 starts (epoch 2), resumed from step 4's checkpoint."""
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    for root in (whole, killed):
-        (root / "seen").mkdir(parents=True)
-    smoke_fit(whole, RESUMABLE.format(root=whole), entry=("tests/e2e/driver.py",),
-              env={"LIGHTNING_TIVE_TEST_SEEN": str(whole / "seen")})
-    done = smoke_fit(killed, RESUMABLE.format(root=killed), entry=("tests/e2e/driver.py",), check=False,
-                     env={"LIGHTNING_TIVE_TEST_SEEN": str(killed / "seen"), "LIGHTNING_TIVE_TEST_KILL_AT": "5"})
-    assert done.returncode != 0 and not (killed / "finished.json").exists()
-    before = seen_batches(killed / "seen")
-    (killed / "seen" / "seen-rank-0.jsonl").unlink()
-    (killed / "seen" / "seen-rank-1.jsonl").unlink()
-    smoke_fit(killed, RESUMABLE.format(root=killed), "--ckpt_path", str(killed / "checkpoints" / "last.ckpt"),
-              entry=("tests/e2e/driver.py",), env={"LIGHTNING_TIVE_TEST_SEEN": str(killed / "seen")})
-    after, expected = seen_batches(killed / "seen"), seen_batches(whole / "seen")
-    assert min(after[0]) == 4 and len(expected[0]) == 9
-    for rank in (0, 1):
-        assert {**{s: b for s, b in before[rank].items() if s < 4}, **after[rank]} == expected[rank]
-    assert expected[0] != expected[1]  # each process its own share
+    _, killed = kill_and_resume(tmp_path, "ddp")
     # A process that cannot see the checkpoint stops them all at once, named, instead of diverging or hanging.
-    hidden = smoke_fit(killed, RESUMABLE.format(root=killed), "--ckpt_path", str(killed / "checkpoints" / "last.ckpt"),
-                       entry=("tests/e2e/driver.py",), env={"LIGHTNING_TIVE_TEST_HIDE_CHECKPOINT": "1"}, check=False)
+    hidden = smoke_fit(killed, resumable(killed, "ddp"), "--ckpt_path", str(killed / "checkpoints" / "last.ckpt"), entry=DRIVER,
+                       env={"LIGHTNING_TIVE_TEST_HIDE_CHECKPOINT": "1"}, check=False)
     assert hidden.returncode != 0 and "not visible to process(es) [1]" in hidden.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from parity import ROOT, assert_same_selection, forget_last_chunks, seen_batches, smoke_fit, tive_overlay
+from parity import ROOT, assert_same_selection, forget_last_chunks, kill_and_resume, smoke_fit, tive_overlay
 
 pytestmark = pytest.mark.slow
 
@@ -131,51 +131,13 @@ def test_hsdp_replicas_select_as_one_process_does(runs, tmp_path):
     assert (tmp_path / "checkpoints" / "final.ckpt" / "__1_0.distcp").exists()
 
 
-RESUMABLE = """
-trainer:
-  devices: 2
-  logger: false
-  default_root_dir: {root}
-  strategy:
-    class_path: lightning_tive.sharding.FSDP2Strategy
-  max_epochs: 3
-  limit_train_batches: null
-  limit_val_batches: 0
-  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args:
-        save_last: true
-        save_top_k: 0
-        every_n_train_steps: 2
-data:
-  group_by_length: true
-tive:
-  strategy: random
-"""
-
-
 def test_killed_mid_epoch_and_resumed_from_shards_trains_the_uninterrupted_model(tmp_path):
     """3 epochs of 3 steps under FSDP2; killed as step 5 starts, resumed from step 4's shards: the same
     batches on every process and the same final weights as an uninterrupted fit."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    for root in (whole, killed):
-        (root / "seen").mkdir(parents=True)
-    driver = ("tests/e2e/driver.py",)
-    smoke_fit(whole, RESUMABLE.format(root=whole), entry=driver, env={"LIGHTNING_TIVE_TEST_SEEN": str(whole / "seen")})
-    done = smoke_fit(killed, RESUMABLE.format(root=killed), entry=driver, check=False,
-                     env={"LIGHTNING_TIVE_TEST_SEEN": str(killed / "seen"), "LIGHTNING_TIVE_TEST_KILL_AT": "5"})
-    assert done.returncode != 0 and not (killed / "checkpoints" / "final.ckpt").exists()
-    before = seen_batches(killed / "seen")
-    for rank in (0, 1):
-        (killed / "seen" / f"seen-rank-{rank}.jsonl").unlink()
-    smoke_fit(killed, RESUMABLE.format(root=killed), "--ckpt_path", str(killed / "checkpoints" / "last.ckpt"),
-              entry=driver, env={"LIGHTNING_TIVE_TEST_SEEN": str(killed / "seen")})
-    after, expected = seen_batches(killed / "seen"), seen_batches(whole / "seen")
-    assert min(after[0]) == 4 and len(expected[0]) == 9
-    for rank in (0, 1):
-        assert {**{s: b for s, b in before[rank].items() if s < 4}, **after[rank]} == expected[rank]
+    whole, killed = kill_and_resume(tmp_path, "{class_path: lightning_tive.sharding.FSDP2Strategy}")
+    assert (killed / "checkpoints" / "last.ckpt" / "meta.pt").exists()  # resumed from a folder of shards
     finals = []
     for root in (whole, killed):
         dcp_to_torch_save(root / "checkpoints" / "final.ckpt", root / "final.pt")
