@@ -295,10 +295,19 @@ def largest_that_fits(sizes: Sequence[int], attempt: Callable[[int], dict]) -> d
     for size in sizes:
         try:
             return {"batch": size, "out_of_memory_at": out_of_memory, **attempt(size)}
-        except torch.cuda.OutOfMemoryError:
+        except RuntimeError as err:
+            if not is_out_of_memory(err):
+                raise
             out_of_memory.append(size)
         free_memory()  # after the except block, which held the failed attempt's frames and their tensors
     raise torch.cuda.OutOfMemoryError(f"out of memory at every batch size tried: {list(sizes)}")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is the device running out of memory (the allocator's error, or cuBLAS failing to allocate)."""
+    import torch
+
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "CUBLAS_STATUS_ALLOC_FAILED" in str(err)
 
 
 # ============================================================================ the model and its batches
@@ -321,8 +330,9 @@ def build_module(tiny: dict, lora: Any, device: Any, mixed: bool, **module_args:
 
     The build is the package's own (`skeleton_module`). The parameters are then cast to bf16 (buffers
     keep their dtype, as a checkpoint load leaves them) and allocated on `device`, and transformers'
-    own initialisation draws them under seed 0 (normal, std 0.02; norms 1; CLIP's position ids and
-    the rotary frequencies computed). `mixed`: as the 7B LoRA config under bf16-mixed, the LoRA
+    own initialisation draws them under seed 0 (each model's `_init_weights`: normal weights, unit
+    norms, zero biases; CLIP's position ids and the rotary frequencies computed; LoRA's B drawn
+    too, not zero, which changes no cost). `mixed`: as the 7B LoRA config under bf16-mixed, the LoRA
     weights and the projector stay float32 (the projector casts its input); otherwise everything is
     bf16, as under bf16-true.
     """

@@ -321,6 +321,13 @@ def test_the_largest_batch_that_fits_is_taken_and_the_refused_ones_recorded():
 
     assert gpu_check.largest_that_fits([16, 8, 4], attempt) == {"batch": 8, "out_of_memory_at": [16], "s_per_example": 0.5}
     assert tried == [16, 8]
+
+    def cublas(size: int) -> dict:
+        if size > 4:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+        return {}
+
+    assert gpu_check.largest_that_fits([8, 4], cublas) == {"batch": 4, "out_of_memory_at": [8]}
     with pytest.raises(torch.cuda.OutOfMemoryError, match="every batch size"):
         gpu_check.largest_that_fits([16, 12], attempt)
 
