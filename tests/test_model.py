@@ -532,3 +532,18 @@ def test_a_trained_projector_stays_float32_on_a_bfloat16_base_and_its_lr_2e5_upd
     assert ((weight.to(torch.bfloat16) + step) != weight.to(torch.bfloat16)).float().mean() < 0.5
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.isfinite(module.per_example_loss(batch)).all()
+
+
+def test_a_later_process_builds_a_skeleton_with_no_weight_anywhere(monkeypatch):
+    """A process the launcher ranks 1 holds LLaVA's structure on the meta device, LoRA adapters included."""
+    from lightning_tive.tive_config import ReferenceLora
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    module = LlavaModule(tiny=TinyLlavaConfig(), finetune="lora")
+    module.reserve_reference_adapter(ReferenceLora(r=4, alpha=8), seed=0)
+    params = dict(module.named_parameters())
+    assert all(p.is_meta for p in params.values()) and any(".lora_A.tive_reference." in n for n in params)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    real = LlavaModule(tiny=TinyLlavaConfig(), finetune="lora")
+    real.reserve_reference_adapter(ReferenceLora(r=4, alpha=8), seed=0)
+    assert {n: p.shape for n, p in real.named_parameters()} == {n: p.shape for n, p in params.items()}
