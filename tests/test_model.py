@@ -538,9 +538,14 @@ def test_a_later_process_builds_a_skeleton_with_no_weight_anywhere(monkeypatch):
     """A process the launcher ranks 1 holds LLaVA's structure on the meta device, LoRA adapters included."""
     from lightning_tive.tive_config import ReferenceLora
 
+    created_on = []  # every Linear's weight is drawn where it is created: none may be drawn on the CPU
+    reset = torch.nn.Linear.reset_parameters
+    monkeypatch.setattr(torch.nn.Linear, "reset_parameters",
+                        lambda self: created_on.append(self.weight.device.type) or reset(self))
     monkeypatch.setenv("LOCAL_RANK", "1")
     module = LlavaModule(tiny=TinyLlavaConfig(), finetune="lora")
     module.reserve_reference_adapter(ReferenceLora(r=4, alpha=8), seed=0)
+    assert created_on and set(created_on) == {"meta"}
     params = dict(module.named_parameters())
     assert all(p.is_meta for p in params.values()) and any(".lora_A.tive_reference." in n for n in params)
     monkeypatch.setenv("LOCAL_RANK", "0")
