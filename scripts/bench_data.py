@@ -100,12 +100,14 @@ def write_pool(folder: Path, records: int) -> Path:
 
 
 SETUP_CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, sys.argv[1])
 from lightning_tive.data.datamodule import LlavaDataModule
 from lightning_tive.model import LlavaModule, TinyLlavaConfig
 processor = LlavaModule(tiny=TinyLlavaConfig(max_position_embeddings=2048)).processor
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm_mb():  # VmHWM: a child started by fork + exec inherits its parent's ru_maxrss
+    return [int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+base = hwm_mb()
 dm = LlavaDataModule(train_path=sys.argv[2], image_folder=sys.argv[3], max_length=2048, on_bad_record="skip",
                      output_dir=sys.argv[4], **json.loads(sys.argv[5]))
 dm.attach_processor(processor)
@@ -114,8 +116,7 @@ dm.setup("fit")
 from lightning_tive.feature_folder import pool_fingerprint
 digest = pool_fingerprint(dm)
 seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"setup_s": seconds, "pool": dm.pool_size, "rss_growth_mb": (peak - base) / 1024, "digest": digest}))
+print(json.dumps({"setup_s": seconds, "pool": dm.pool_size, "rss_growth_mb": hwm_mb() - base, "digest": digest}))
 """
 
 

@@ -12,7 +12,7 @@ Files of an index folder (n = records that passed every check, in file order):
 - `meta.json`: the key, the task labels, counts, timings; written last (it marks a complete folder);
 - `records.bin` + `record_offsets.npy` [n+1]: each record's JSON text (UTF-8);
 - `positions.npy` [n]: its position in the source file; `labels.npy` [n]: index into meta's labels;
-- `digests.npy` [n, 16]: a digest of each record's canonical JSON (the pool fingerprint's input);
+- `digests.npy` [n, 16]: a digest of each record's JSON text (the pool fingerprint's input);
 - `tokens.bin` (int32) + `token_offsets.npy` [n+1], `supervised.bin` (uint8): token ids with each
   image's block collapsed to one token, and which of them are supervised;
 - `lengths.npy` [n]: the encoded length (image tokens expanded); `has_image.npy` [n];
@@ -61,10 +61,9 @@ def tokenizer_digest(tokenizer: Any) -> str:
     return digest.hexdigest()
 
 
-def record_digest(record: Any) -> bytes:
-    """16 bytes identifying a record's content (its canonical JSON)."""
-    text = json.dumps(record, sort_keys=True, default=str)
-    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+def record_digest(text: bytes) -> bytes:
+    """16 bytes identifying a record's content (its JSON text as the index stores it)."""
+    return hashlib.blake2b(text, digest_size=16).digest()
 
 
 @dataclass(frozen=True)
@@ -137,7 +136,7 @@ def _write_index(folder: Path, spec: IndexSpec, key: dict, encode: Callable, lab
 
     # Streamed to disk batch by batch: encoded examples of 665K records would not fit in memory at once.
     kept: list[int] = []
-    lengths, images, token_counts, text_sizes = [], [], [], []
+    lengths, images, token_counts, text_sizes, digests = [], [], [], [], []
     with open(folder / "tokens.bin", "wb") as tokens, open(folder / "supervised.bin", "wb") as supervised, \
             open(folder / "records.bin", "wb") as texts:
         for start_at in range(0, len(valid), ENCODE_BATCH):
@@ -151,6 +150,7 @@ def _write_index(folder: Path, spec: IndexSpec, key: dict, encode: Callable, lab
                 supervised.write(mask.astype(np.uint8).tobytes())
                 text = json.dumps(records[position], ensure_ascii=False).encode()
                 texts.write(text)
+                digests.append(record_digest(text))
                 kept.append(position)
                 lengths.append(len(result.input_ids))
                 images.append(bool((compact == spec.image_token_id).any()))
@@ -164,8 +164,7 @@ def _write_index(folder: Path, spec: IndexSpec, key: dict, encode: Callable, lab
     labels = sorted(set(names))
     lookup = {name: i for i, name in enumerate(labels)}
     np.save(folder / "labels.npy", np.fromiter((lookup[n] for n in names), dtype=np.int32, count=len(names)))
-    digests = np.frombuffer(b"".join(record_digest(records[p]) for p in kept), dtype=np.uint8)
-    np.save(folder / "digests.npy", digests.reshape(len(kept), 16))
+    np.save(folder / "digests.npy", np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(len(kept), 16))
     np.save(folder / "lengths.npy", np.asarray(lengths, dtype=np.int32))
     np.save(folder / "has_image.npy", np.asarray(images, dtype=bool))
     lines = [json.dumps({"position": p, "id": problems[p][0], "reason": problems[p][1]}, default=str) for p in sorted(problems)]
