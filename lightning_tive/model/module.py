@@ -48,6 +48,10 @@ class LlavaModule(FSDPMixin, ReferenceAdapterMixin, EvaluationMixin, L.Lightning
     (`vision_tower` or `vision_config`) (+ `projector_path` in the original `mm_projector.bin` format),
     as LLaVA-1.5 stage 2 starts; or `tiny` (random weights from a small config, seeded by `init_seed`).
 
+    In a process its launcher ranks other than 0 (`RANK`, `LOCAL_RANK` or `SLURM_PROCID` set and not 0)
+    the model is built as a skeleton on the meta device, which `configure_model` fills from process 0;
+    outside a fit, call `build_model()` to build it for real there (`on_meta` says which it is).
+
     Args:
         pretrained: HF LLaVA model id or local folder.
         language_model: causal LM id or folder (path b); with `gguf_file`, the folder holding that file.
