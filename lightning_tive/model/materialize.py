@@ -13,11 +13,34 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 from lightning_tive.distributed import Collectives
 from lightning_tive.sharding import copy_full_, is_dtensor
+
+
+def materialize_from_first(module: Any, comm: Collectives, device: torch.device) -> None:
+    """Give every process `module`'s weights from process 0's real build, sharding them first under FSDP2.
+
+    Process 0 sends its tensor list (names, shapes, dtypes); the others give their skeleton those
+    dtypes; `module.shard_model()` shards (a no-op without FSDP2); the others allocate their tensors on
+    `device`; then every tensor is broadcast in process 0's order.
+    """
+    first = comm.rank == 0
+    spec = comm.broadcast_object(tensor_spec(module.model) if first else None)
+    if not first:
+        align_skeleton(module.model, spec)
+    source = named_tensors(module.model) if first else None  # whole tensors, kept while sharding
+    module.shard_model()
+    if not first:
+        module.model.to_empty(device=device)
+        if module.llava.config.get_text_config().tie_word_embeddings:
+            module.llava.tie_weights()  # to_empty gave the tied alias a tensor of its own
+    elif not module.sharded:
+        module.model.to(device)
+    broadcast_weights(module.model, spec, source, comm, device)
 
 
 def later_process() -> bool:

@@ -23,14 +23,7 @@ from lightning_tive.model.build import LlavaBuilder, LlavaSource, TorchDtype
 from lightning_tive.model.evaluation import EvaluationMixin
 from lightning_tive.model.fsdp import FSDPMixin
 from lightning_tive.model.losses import NLL_CHUNK_TOKENS, chunked_per_example_nll
-from lightning_tive.model.materialize import (
-    align_skeleton,
-    broadcast_weights,
-    later_process,
-    named_tensors,
-    plain_build_context,
-    tensor_spec,
-)
+from lightning_tive.model.materialize import later_process, materialize_from_first, plain_build_context
 from lightning_tive.model.schedule import SchedulerCallable, WarmupCosineLR
 from lightning_tive.model.settings import (
     FINETUNE_MODES,
@@ -173,21 +166,7 @@ class LlavaModule(FSDPMixin, ReferenceAdapterMixin, EvaluationMixin, L.Lightning
                 self._reserve_again()
             self.shard_model()
             return
-        comm = Collectives.of(trainer)
-        device = trainer.strategy.root_device
-        first = comm.rank == 0
-        spec = comm.broadcast_object(tensor_spec(self.model) if first else None)
-        if not first:
-            align_skeleton(self.model, spec)
-        source = named_tensors(self.model) if first else None  # whole tensors, kept while sharding
-        self.shard_model()
-        if not first:
-            self.model.to_empty(device=device)
-            if self.llava.config.get_text_config().tie_word_embeddings:
-                self.llava.tie_weights()  # to_empty gave the tied alias a tensor of its own
-        elif not self.sharded:
-            self.model.to(device)
-        broadcast_weights(self.model, spec, source, comm, device)
+        materialize_from_first(self, Collectives.of(trainer), trainer.strategy.root_device)
 
     @property
     def llava(self) -> Any:
