@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_tive import report
+from lightning_tive.checkpoints import resolve_checkpoint_path
 from lightning_tive.distributed import Collectives
 from lightning_tive.feature_folder import open_features
 from lightning_tive.phases import ReferencePhases
@@ -93,9 +94,9 @@ class TIVESelectionCallback(Callback):
                 f"{type(datamodule).__name__} lacks {missing_members(datamodule, DATA_MEMBERS)} "
                 "(see lightning_tive.protocols.TIVEData, or use LlavaDataModule)"
             )
-        resume_from = trainer.ckpt_path or self.resume_from
+        resume_from = resolve_checkpoint_path(trainer, trainer.ckpt_path or self.resume_from)
         restore_late = trainer.strategy.restore_checkpoint_after_setup
-        if self.selected is None and resume_from and restore_late and Path(str(resume_from)).exists():
+        if self.selected is None and resume_from and restore_late and resume_from.exists():
             # This strategy (ModelParallelStrategy) restores callbacks only after on_fit_start: read ours now.
             self.load_state_dict(_saved_callback_state(resume_from, self.state_key))
         comm = Collectives.of(trainer)

@@ -18,6 +18,26 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_tive.sharding import require_checkpoint_everywhere
 
 FINAL_CHECKPOINT = "final.ckpt"
+#: `ckpt_path` values that Lightning resolves to a file or folder itself.
+NAMED_CHECKPOINTS = ("last", "best", "hpc")
+
+
+def resolve_checkpoint_path(trainer: L.Trainer, ckpt_path: str | Path | None) -> Path | None:
+    """The checkpoint `fit(ckpt_path=...)` reads, with "last"/"best"/"hpc" resolved the way Lightning resolves them.
+
+    Lightning resolves these names only once it restores, after `setup` and (under FSDP2) `on_fit_start`:
+    what runs before must resolve them too. None when "last" finds no checkpoint (Lightning then starts afresh).
+    """
+    if ckpt_path is None:
+        return None
+    if str(ckpt_path) not in NAMED_CHECKPOINTS:
+        return Path(ckpt_path)
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    resolved = trainer._checkpoint_connector._parse_ckpt_path(
+        TrainerFn.FITTING, str(ckpt_path), model_provided=True, model_connected=True
+    )
+    return Path(resolved) if resolved else None
 
 
 class FinalModel(L.Callback):
@@ -38,9 +58,9 @@ class FinalModel(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Before any restore: every process must see the checkpoint the fit resumes from."""
-        path = self.resume_from or trainer.ckpt_path
-        if stage == "fit" and path:
-            require_checkpoint_everywhere(Path(path), trainer.strategy)
+        named = self.resume_from or trainer.ckpt_path
+        if stage == "fit" and named:
+            require_checkpoint_everywhere(resolve_checkpoint_path(trainer, named), trainer.strategy, str(named))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Write the trained weights (every process takes part: under FSDP each writes its shards)."""

@@ -186,18 +186,20 @@ def checkpoint_visible(path: Path) -> bool:
     return path.is_file()
 
 
-def require_checkpoint_everywhere(path: Path, strategy: Any) -> None:
+def require_checkpoint_everywhere(path: Path | None, strategy: Any, named: str | None = None) -> None:
     """Stop every process together, naming those that lack the checkpoint, unless all of them see it.
 
     A process raising alone would leave the others waiting in their next collective; a run whose
-    processes restored different states would diverge silently.
+    processes restored different states would diverge silently. `path` None: the name `named`
+    ("last") found no checkpoint on this process; when none found one, Lightning starts afresh.
     """
     import socket
 
-    seen = checkpoint_visible(path)
-    verdicts = strategy.all_gather(torch.tensor([1 if seen else 0], device=strategy.root_device))
-    if int(verdicts.min()) == 0:
-        missing = [rank for rank, ok in enumerate(verdicts.flatten().tolist()) if not ok]
+    seen = -1 if path is None else int(checkpoint_visible(path))  # -1: the name found nothing here
+    verdicts = strategy.all_gather(torch.tensor([seen], device=strategy.root_device)).flatten().tolist()
+    if len(set(verdicts)) > 1 or verdicts[0] == 0:  # all -1: no checkpoint anywhere, Lightning starts afresh
+        path = path or named
+        missing = [rank for rank, ok in enumerate(verdicts) if ok != 1]
         raise FileNotFoundError(
             f"the checkpoint {path} is not visible to process(es) {missing} (this is {socket.gethostname()}, "
             f"rank {strategy.global_rank}): every process reads it on resume, so put the run folder on a filesystem "

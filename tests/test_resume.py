@@ -68,3 +68,20 @@ def test_killed_mid_epoch_and_resumed_trains_what_an_uninterrupted_fit_trains(tm
     final = dict(module.trainable_parameters())
     for name, param in uninterrupted.trainable_parameters():
         torch.testing.assert_close(final[name], param, rtol=0, atol=1e-6, msg=name)
+
+
+def test_last_names_the_newest_last_checkpoint_before_lightning_resolves_it(tmp_path):
+    from lightning_tive.checkpoints import FinalModel, resolve_checkpoint_path
+
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[checkpoints], default_root_dir=tmp_path)
+    check = FinalModel(resume_from="last")
+    assert resolve_checkpoint_path(trainer, "last") is None
+    check.setup(trainer, None, "fit")  # no last checkpoint anywhere: Lightning starts afresh, as it does
+    (tmp_path / "ckpt").mkdir()
+    torch.save({"global_step": 3}, tmp_path / "ckpt" / "last.ckpt")
+    assert resolve_checkpoint_path(trainer, "last") == tmp_path / "ckpt" / "last.ckpt"
+    check.setup(trainer, None, "fit")  # the CLI's `--ckpt_path last` resolves here too
+    assert resolve_checkpoint_path(trainer, tmp_path / "x.ckpt") == tmp_path / "x.ckpt"
+    with pytest.raises(FileNotFoundError, match=r"x.ckpt is not visible to process\(es\) \[0\]"):
+        FinalModel(resume_from=str(tmp_path / "x.ckpt")).setup(trainer, None, "fit")

@@ -39,7 +39,7 @@ def batch(processor):
 
 class FakeTrainer:
     def __init__(self, precision: str) -> None:
-        self.precision, self.strategy = precision, object()
+        self.precision, self.strategy, self.world_size = precision, object(), 1
 
 
 def sharded(finetune: str, precision: str = "32-true") -> tuple[LlavaModule, dict, dict]:

@@ -69,10 +69,10 @@ def cli_args(tmp_path, *extra: str) -> list[str]:
 
 
 def test_online_logger_without_a_key_stops_the_cli_before_the_model_is_built(no_credentials, tmp_path, monkeypatch):
-    def build(self):
+    def build(self, on_meta=False):
         raise AssertionError("the model was built before the W&B check")
 
-    monkeypatch.setattr(LlavaModule, "_build_model", build)
+    monkeypatch.setattr(LlavaModule, "build_model", build)
     with pytest.raises(WandbUnavailable) as stopped:
         run_cli(cli_args(tmp_path, "--trainer.logger.init_args.offline", "false",
                          "--trainer.logger.init_args.mode", "online"), run=False)
