@@ -73,20 +73,29 @@ def copy_full_(param: torch.Tensor, value: torch.Tensor) -> None:
         param.copy_(value)
 
 
+def fsdp_param_groups(state: Any) -> list:
+    """An FSDP2 unit's parameter groups: `_fsdp_param_groups` (torch 2.12 on), or its one `_fsdp_param_group` (2.11)."""
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is not None:
+        return list(groups)
+    group = getattr(state, "_fsdp_param_group", None)
+    return [] if group is None else [group]
+
+
 def sync_mixed_precision(module: torch.nn.Module) -> None:
     """Re-derive each FSDP unit's gradient dtypes from which of its parameters train now.
 
     FSDP2 fixes a unit's reduce and original dtypes from its trainable parameters at its first
     forward; a unit with none then (the LM during TIVE's warm-up) would reduce the bf16 gradients of
     its later training in bf16 and fail to store them on its fp32 parameters. Uses FSDP2's unit state
-    (`fully_shard.state(...)._fsdp_param_groups`, torch 2.13): no public API re-derives them.
+    (see `fsdp_param_groups`): no public API re-derives them.
     """
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     for sub in module.modules():
         if not isinstance(sub, FSDPModule):
             continue
-        for group in fully_shard.state(sub)._fsdp_param_groups:
+        for group in fsdp_param_groups(fully_shard.state(sub)):
             trains = any(p.sharded_param.requires_grad for p in group.fsdp_params)
             if trains and group._orig_dtype is None:
                 group._init_mp_dtypes()

@@ -17,10 +17,10 @@ SKIP_ENV = "LIGHTNING_TIVE_SKIP_VERSION_CHECK"
 #: distribution -> (pip requirement, the lowest release in it, what needs that release).
 REQUIRED: dict[str, tuple[str, tuple[int, ...], str]] = {
     "torch": (
-        "torch>=2.12,<2.14",
-        (2, 12),
-        "sharded runs read FSDP2's unit state `fully_shard.state(m)._fsdp_param_groups`, new in torch 2.12 "
-        "(2.11 has only `_fsdp_param_group`)",
+        "torch>=2.11,<2.14",
+        (2, 11),
+        "sharded runs read FSDP2's private unit state (`fully_shard.state(m)`), whose layout is known from 2.11 "
+        "(run on a GPU) to 2.13",
     ),
     "transformers": (
         "transformers>=5.6,<6",

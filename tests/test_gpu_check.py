@@ -223,17 +223,17 @@ def test_cpu_check_runs_every_part(tmp_path):
 
 @pytest.mark.slow
 def test_too_old_versions_are_recorded_and_the_parts_run_with_the_check_skipped(tmp_path):
-    # An image whose torch is older than lightning_tive accepts: its metadata says 2.11.0.
+    # An image whose torch is older than lightning_tive accepts: its metadata says 2.10.0.
     old = tmp_path / "old_image"
-    (old / "torch-2.11.0.dist-info").mkdir(parents=True)
-    (old / "torch-2.11.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.11.0\n")
+    (old / "torch-2.10.0.dist-info").mkdir(parents=True)
+    (old / "torch-2.10.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.10.0\n")
     proc, result = run_script(tmp_path, "--cpu", "--parts", "full7b", "--budget-s", "300", first_on_path=old)
     assert proc.returncode == 0, proc.stdout[-3000:]
     check = result["version_check"]
-    assert check["passed"] is False and check["required"]["torch"]["installed"] == "2.11.0"
-    assert "torch 2.11.0 is installed" in check["error"]
+    assert check["passed"] is False and check["required"]["torch"]["installed"] == "2.10.0"
+    assert "torch 2.10.0 is installed" in check["error"]
     assert check["parts_run_with"] == "LIGHTNING_TIVE_SKIP_VERSION_CHECK=1"
-    assert result["versions"]["torch"] == "2.11.0"
+    assert result["versions"]["torch"] == "2.10.0"
     full7b = result["parts"]["full7b"]
     assert full7b["status"] == "ok" and full7b["version_check_skipped"] is True, full7b
     assert full7b["valuation"]["64"]["finite"] is True

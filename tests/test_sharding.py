@@ -131,3 +131,13 @@ def test_padding_the_loss_chunks_calls_the_head_as_often_without_changing_the_lo
         assert torch.equal(a, b)
     grads = [torch.autograd.grad(out[0].sum(), [hidden, head.weight]) for out in (plain, padded)]
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
+def test_param_groups_are_read_from_either_layout_of_fsdp2s_unit_state():
+    from types import SimpleNamespace
+
+    from lightning_tive.sharding import fsdp_param_groups
+
+    assert fsdp_param_groups(SimpleNamespace(_fsdp_param_groups=("a", "b"))) == ["a", "b"]  # torch 2.12 on
+    assert fsdp_param_groups(SimpleNamespace(_fsdp_param_group="a")) == ["a"]  # torch 2.11: one per unit
+    assert fsdp_param_groups(SimpleNamespace(_fsdp_param_group=None)) == []  # a unit without parameters

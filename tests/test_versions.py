@@ -21,20 +21,20 @@ def fake_versions(monkeypatch, **installed: str | None) -> None:
 
 def test_old_torch_and_transformers_are_refused_naming_both_versions_and_the_pip_command(monkeypatch):
     monkeypatch.delenv(versions.SKIP_ENV, raising=False)
-    fake_versions(monkeypatch, torch="2.11.0+cu128", transformers="5.5.0")
+    fake_versions(monkeypatch, torch="2.10.0+cu128", transformers="5.5.0")
     with pytest.raises(ImportError) as refused:
         versions.check_versions()
     message = str(refused.value)
-    assert "torch>=2.12,<2.14 is needed, torch 2.11.0+cu128 is installed" in message
+    assert "torch>=2.11,<2.14 is needed, torch 2.10.0+cu128 is installed" in message
     assert "transformers>=5.6,<6 is needed, transformers 5.5.0 is installed" in message
-    assert "pip install --upgrade 'torch>=2.12,<2.14' 'transformers>=5.6,<6'" in message
+    assert "pip install --upgrade 'torch>=2.11,<2.14' 'transformers>=5.6,<6'" in message
     assert versions.SKIP_ENV in message
 
 
 @pytest.mark.parametrize(
     "installed",
     [
-        {"torch": "2.12.0", "transformers": "5.6.0"},  # the lowest supported releases
+        {"torch": "2.11.0", "transformers": "5.6.0"},  # the lowest supported releases
         {"torch": "2.12.0a0+79aa17489c.nv26.04", "transformers": "5.25.0.dev0"},  # container / source builds
         {"torch": None, "transformers": None},  # not installed: their own import names them
     ],
@@ -75,13 +75,13 @@ def test_importing_the_package_runs_the_check_and_imports_neither_torch_nor_tran
     fake_old_torch = (
         "import importlib.metadata as m\n"
         "real = m.version\n"
-        "m.version = lambda name: '2.11.0' if name == 'torch' else real(name)\n"
+        "m.version = lambda name: '2.10.0' if name == 'torch' else real(name)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != versions.SKIP_ENV}
     proc = subprocess.run([sys.executable, "-c", fake_old_torch + "import lightning_tive"], cwd=ROOT,
                           capture_output=True, text=True, env=env)
     assert proc.returncode != 0 and "ImportError: lightning_tive cannot run" in proc.stderr
-    assert "torch 2.11.0 is installed" in proc.stderr
+    assert "torch 2.10.0 is installed" in proc.stderr
     check = "import sys, lightning_tive; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     proc = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, env=env, check=True)
     assert proc.stdout.strip() == "[]"
