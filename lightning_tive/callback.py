@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_tive import report
 from lightning_tive.checkpoints import resolve_checkpoint_path
 from lightning_tive.distributed import Collectives
-from lightning_tive.feature_folder import open_features
+from lightning_tive.feature_folder import check_cost_settings, open_features
 from lightning_tive.phases import ReferencePhases
 from lightning_tive.protocols import DATA_MEMBERS, MODEL_METHODS, TIVEData, TIVEModel, missing_members
 from lightning_tive.sharding import STRATEGY_HELP, data_parallel_mesh, is_sharded
@@ -160,6 +160,7 @@ class TIVESelectionCallback(Callback):
         timings: dict[str, float] = {}
         if self.config.features_from is not None:
             source, indices, run["feature_settings"] = open_features(Path(self.config.features_from), datamodule)
+            check_cost_settings(self.config, run["feature_settings"])
             if not trainer.is_global_zero:  # checked on every process above; only process 0 selects
                 return None, timings, run
             comm = Collectives(1, 0, comm.device)  # process 0 reads the whole folder alone

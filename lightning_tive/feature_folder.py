@@ -27,6 +27,7 @@ from lightning_tive.tive.store import (
     write_shard_index,
 )
 from lightning_tive.tive.values import ArrayFeatures
+from lightning_tive.tive_config import COST_FIELDS
 
 # Notices a user must see: logging, which PYTHONWARNINGS=ignore does not silence.
 log = logging.getLogger("lightning_tive")
@@ -144,6 +145,24 @@ def open_features(folder: Path, datamodule: Any) -> tuple[Any, np.ndarray, dict]
         "adapter and projection produced it cannot be checked"
     )
     return PlainFeatures(np.asarray(features), norms), np.arange(pool), {}
+
+
+def check_cost_settings(config: Any, stored: dict) -> None:
+    """Refuse features valued with other cheaper-valuation settings (`COST_FIELDS`) than `config` sets.
+
+    The other feature settings are taken from the folder as they are (its `seed`, say, may differ: the
+    run's seed also drives the sampling). A folder without settings (bare .npy files) cannot be checked.
+    """
+    settings = stored.get("settings")
+    if not settings:
+        return
+    diffs = [f"{name}: folder has {settings.get(name)!r}, this run sets {getattr(config, name)!r}"
+             for name in COST_FIELDS if settings.get(name) != getattr(config, name)]
+    if diffs:
+        raise ValueError(
+            f"tive.features_from={config.features_from} was valued with other settings ({'; '.join(diffs)}); set "
+            "them as the folder has them, or value again without tive.features_from"
+        )
 
 
 def _shared_settings(extras: list[dict]) -> dict:

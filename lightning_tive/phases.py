@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import math
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -69,6 +71,9 @@ class ReferencePhases:
         # Tokens per pool example when the DataModule knows them: balanced shards, length-sorted batches.
         lengths = getattr(datamodule, "pool_lengths", None)
         self.lengths = None if lengths is None else np.abs(np.asarray(lengths, dtype=np.int64))
+        # Valuation sees examples cut to `valuation_max_length`: shards and batches go by those lengths.
+        cut = config.valuation_max_length
+        self.valuation_lengths = self.lengths if self.lengths is None or cut is None else np.minimum(self.lengths, cut)
         self.padding = {"real": 0, "padded": 0}  # tokens in this process's valuation batches
 
     # ---------------------------------------------------------------- the run
@@ -76,13 +81,14 @@ class ReferencePhases:
         """Warm up (or resume), value this process's shard into `out/features`, and restore the model."""
         config, trainer = self.config, self.trainer
         timings: dict[str, float] = {}
+        self.check_truncation()
         with reference_model(self.module, config, self.comm) as (adapter, extra_params):
-            layers = [(name, layer) for name, layer in adapter if lora_module_of(name) in config.gradient_modules]
+            layers = feature_layers(adapter, config.gradient_modules, config.gradient_layers)
             projector = self.projector(layers)
             store, indices = open_process_store(
                 out / "features", self.datamodule.pool_size, config.chunk_size, self.comm.world_size, self.comm.rank,
                 projector.proj_dim, config.feature_dtype, self.fingerprint(projector), trainer.is_global_zero,
-                self.comm.barrier, self.lengths,
+                self.comm.barrier, self.valuation_lengths,
             )
             adapter_file = out / ADAPTER_FILE
             needs_valuation = self.comm.any(bool(store.missing_chunks()))
@@ -105,7 +111,11 @@ class ReferencePhases:
             else:  # one process reads the saved adapter (GBs at 7B) for the others
                 digest = self.comm.broadcast_object(saved_digest(adapter_file) if self.comm.rank == 0 else None)
             clock = time.perf_counter()
-            valued = self.value(layers, projector, store, indices)
+            # Only the feature layers' weights need a graph: below the lowest of them nothing is
+            # recorded, and the backward stops there. (Sharded parameters keep their flags: FSDP2
+            # copies them when it unshards.)
+            with only_differentiating(adapter, layers, enabled=not self.sharded):
+                valued = self.value(layers, projector, store, indices)
             timings["valuation_s"] = time.perf_counter() - clock
         return Valuation(store, indices, digest, valued, timings, self.padding)
 
@@ -116,9 +126,11 @@ class ReferencePhases:
 
     def check_cost(self, projector: Projector) -> None:
         """Estimate the projection's cost on this run's device, print it, and refuse it above the limit."""
+        tokens = int(getattr(self.datamodule, "max_length", 1024))
+        if self.config.valuation_max_length is not None:
+            tokens = min(tokens, self.config.valuation_max_length)
         estimate = estimate_projection_cost(
-            projector, self.trainer.strategy.root_device, self.valuation_batch_size(),
-            tokens=int(getattr(self.datamodule, "max_length", 1024)),
+            projector, self.trainer.strategy.root_device, self.valuation_batch_size(), tokens=tokens,
         )
         rank_zero_info(f"[tive] valuation: {format_projection_cost(estimate)}")
         try:
@@ -130,6 +142,30 @@ class ReferencePhases:
         if self.comm.any(refused is not None):
             raise refused or ProjectionTooSlow(
                 f"another process estimated the projection above {MAX_COST_SETTING}={self.config.max_projection_s_per_example:g}"
+            )
+
+    def check_truncation(self) -> None:
+        """Refuse a `valuation_max_length` that would cut some example's whole answer (it would vanish as NaN)."""
+        cut, data = self.config.valuation_max_length, self.datamodule
+        if cut is None:
+            return
+        loader = getattr(data, "pool_dataloader", None)
+        if not hasattr(data, "pool_answer_starts") or "max_length" not in inspect.signature(loader).parameters:
+            raise TypeError(
+                f"tive.valuation_max_length needs a DataModule whose pool_dataloader takes max_length and that has "
+                f"pool_answer_starts(indices); {type(data).__name__} lacks them"
+            )
+        if self.lengths is None:
+            raise TypeError(f"tive.valuation_max_length needs the DataModule's pool_lengths; {type(data).__name__} lacks them")
+        long = np.flatnonzero(self.lengths > cut)  # shorter examples are not cut
+        starts = np.asarray(data.pool_answer_starts(long), dtype=np.int64)
+        lost = long[starts >= cut]
+        if len(lost):
+            first = data.pool_record(int(lost[0])).get("id")
+            raise ValueError(
+                f"tive.valuation_max_length={cut} cuts every answer token of {len(lost)} pool example(s) (the first: "
+                f"pool index {int(lost[0])}, id {first!r}, whose answer starts at token {int(starts[starts >= cut][0])}); "
+                f"use at least {int(starts.max()) + 1}, or null"
             )
 
     def valuation_batch_size(self) -> int:
@@ -322,16 +358,17 @@ class ReferencePhases:
             start, stop = store.chunk_range(chunk)
             pool_indices = indices[start:stop]
             position = {int(p): k for k, p in enumerate(pool_indices)}
-            if self.lengths is not None:  # batches of similar length: little padding
-                pool_indices = pool_indices[np.argsort(-self.lengths[pool_indices], kind="stable")]
+            lengths = self.valuation_lengths
+            if lengths is not None:  # batches of similar length: little padding
+                pool_indices = pool_indices[np.argsort(-lengths[pool_indices], kind="stable")]
                 for k in range(0, len(pool_indices), batch_size):
-                    batch_lengths = self.lengths[pool_indices[k : k + batch_size]]
+                    batch_lengths = lengths[pool_indices[k : k + batch_size]]
                     self.padding["real"] += int(batch_lengths.sum())
                     self.padding["padded"] += len(batch_lengths) * int(batch_lengths.max())
             features = np.zeros((stop - start, store.proj_dim), dtype=np.float32)
             norms = np.full(stop - start, np.nan, dtype=np.float32)  # stays NaN for a record skipped as bad
-            losses, tokens, lengths = (np.full_like(norms, np.nan) for _ in range(3))
-            for batch in self.datamodule.pool_dataloader(pool_indices, batch_size=batch_size):
+            losses, tokens, norms_of_features = (np.full_like(norms, np.nan) for _ in range(3))
+            for batch in self.pool_loader(pool_indices, batch_size):
                 count = len(batch["pool_index"]) + len(batch.get("skipped_pool_index", []))
                 if "input_ids" in batch:
                     rows = [position[int(p)] for p in batch["pool_index"]]
@@ -340,7 +377,7 @@ class ReferencePhases:
                         self._spare = batch
 
                     def record(grads: Any, batch: dict = batch, rows: list = rows,
-                               out: tuple = (features, norms, losses, tokens, lengths)) -> None:
+                               out: tuple = (features, norms, losses, tokens, norms_of_features)) -> None:
                         # Unit rows: float16 keeps ~3 digits of any direction, where a raw row of a small
                         # gradient (entries below float16's normal range) would lose most of them.
                         projected = grads.features.float()
@@ -357,8 +394,14 @@ class ReferencePhases:
                 bar.update(count)
             store.write_chunk(
                 chunk, np.arange(start, stop), features, norms,
-                columns={"loss": losses, "tokens": tokens, "feature_norm": lengths},
+                columns={"loss": losses, "tokens": tokens, "feature_norm": norms_of_features},
             )
+
+    def pool_loader(self, indices: np.ndarray, batch_size: int) -> Any:
+        """The valuation loader over pool indices: examples cut to `valuation_max_length` when it is set."""
+        if self.config.valuation_max_length is None:
+            return self.datamodule.pool_dataloader(indices, batch_size=batch_size)
+        return self.datamodule.pool_dataloader(indices, batch_size=batch_size, max_length=self.config.valuation_max_length)
 
 
 def warmup_loss(module: Any, batch: dict, kind: str, denominator: torch.Tensor) -> torch.Tensor:
@@ -395,6 +438,43 @@ def reference_model(module: Any, config: TIVEConfig, comm: Collectives) -> Itera
     changed = sorted(before[k][0] for k in before if before[k][1] != after.get(k, (None, None))[1])[:5]
     if comm.any(bool(changed)):
         raise RuntimeError(f"the warm-up changed the main model's trainable weights (e.g. {changed or 'on another process'})")
+
+
+def feature_layers(adapter: list, modules: list[str], last_layers: int | None) -> list:
+    """The adapter's (name, Linear) layers the features are taken over: `modules`, in the last `last_layers`
+    decoder layers (all when None; the layer count is read from the adapter's names, `...layers.N...`)."""
+    chosen = [(name, layer) for name, layer in adapter if lora_module_of(name) in modules]
+    if last_layers is None:
+        return chosen
+    depth = {name: decoder_layer_of(name) for name, _ in adapter}
+    unknown = [name for name, d in depth.items() if d is None]
+    if unknown:
+        raise ValueError(f"tive.gradient_layers needs decoder-layer numbers in the adapter's names (`.layers.N.`); {unknown[0]} has none")
+    count = max(depth.values()) + 1
+    if last_layers > count:
+        raise ValueError(f"tive.gradient_layers={last_layers} is more than the language model's {count} decoder layers")
+    return [(name, layer) for name, layer in chosen if depth[name] >= count - last_layers]
+
+
+def decoder_layer_of(layer_name: str) -> int | None:
+    """`...language_model.layers.3.self_attn.q_proj.lora_A.x` -> 3 (None without a `.layers.N.` part)."""
+    found = re.findall(r"(?:^|\.)layers\.(\d+)\.", layer_name)
+    return int(found[-1]) if found else None
+
+
+@contextlib.contextmanager
+def only_differentiating(adapter: list, layers: list, enabled: bool = True) -> Iterator[None]:
+    """The adapter's weights outside `layers` frozen for the block (flags restored afterwards)."""
+    keep = {id(layer.weight) for _, layer in layers}
+    frozen = [layer.weight for _, layer in adapter if id(layer.weight) not in keep and layer.weight.requires_grad]
+    frozen = frozen if enabled else []
+    for weight in frozen:
+        weight.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for weight in frozen:
+            weight.requires_grad_(True)
 
 
 def lora_module_of(layer_name: str) -> str:

@@ -41,7 +41,12 @@ class TIVEModel(Protocol):
 
 @runtime_checkable
 class TIVEData(Protocol):
-    """The data side: the pool, its tasks, loaders over pool indices, and the training-set swap."""
+    """The data side: the pool, its tasks, loaders over pool indices, and the training-set swap.
+
+    Optional: `pool_lengths` (tokens per example: balanced shards, length-sorted valuation batches) and,
+    for `tive.valuation_max_length`, `pool_dataloader(..., max_length=N)` (each example cut to its first
+    N tokens) with `pool_answer_starts(indices)` (the position of each example's first supervised token).
+    """
 
     pool_size: int
     task_names: list[str]

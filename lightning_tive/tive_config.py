@@ -26,7 +26,10 @@ NEEDS_GRADIENTS = tuple(s for s in STRATEGIES if s not in ("random", "length")) 
 FEATURE_FIELDS = (
     "warmup_ratio", "warmup_epochs", "warmup_lr", "warmup_projector_lr", "warmup_grad_clip", "warmup_loss",
     "warmup_batch_size", "reference_lora", "gradient_modules", "projector", "proj_dim", "seed",
+    "valuation_max_length", "gradient_layers",
 )
+# Feature settings that make valuation cheaper; `features_from` refuses a store valued with others.
+COST_FIELDS = ("valuation_max_length", "gradient_layers")
 
 
 @dataclass
@@ -87,6 +90,12 @@ class TIVEConfig:
         stop_after_selection: write the files and stop; train nothing.
         features_from: a features folder of an earlier run: skip warm-up and valuation, select from it.
         valuation_batch_size: per-example gradient batch size (default: the DataModule's).
+        valuation_max_length: cut each example to its first this-many tokens for valuation only (the
+            prompt, image tokens included, then the start of the answer; warm-up and training see whole
+            examples); valuation time falls with the tokens cut; a cut that empties an answer is refused; null: none.
+        gradient_layers: take the features over the `gradient_modules` of the last k decoder layers only;
+            the backward stops below the lowest of them and fewer weights are projected. The warm-up still
+            trains the adapter on every layer, so every k values the same reference model; null: every layer.
         feature_dtype: storage of the features, unit vectors (lengths kept apart): `float16` (default,
             ~3 significant digits of every direction whatever the gradient's size) or `float32`.
         chunk_size: pool examples per feature-store chunk (the unit of resume).
@@ -116,6 +125,8 @@ class TIVEConfig:
     stop_after_selection: bool = False
     features_from: str | None = None
     valuation_batch_size: PositiveInt | None = None
+    valuation_max_length: PositiveInt | None = None
+    gradient_layers: PositiveInt | None = None
     feature_dtype: Literal["float16", "float32"] = "float16"
     chunk_size: PositiveInt = 1024
 

@@ -35,6 +35,16 @@ Prints readable tables and, last, one JSON line::
 
     python scripts/bench_valuation.py            # full run, ~5 min on a 2-core CPU (6 with --profile)
     python scripts/bench_valuation.py --quick    # ~1-2 min
+    python scripts/bench_valuation.py --cost     # the cheaper-valuation settings instead, ~1 min
+                                                 # (--models demo,wide: the wide model too, > 10 min)
+
+``--cost`` times, on the same batches and in one run, the valuation as the callback runs it (training
+mode without dropout, the adapter's other weights frozen, the configured kronecker projector) with
+every feature layer, with ``tive.gradient_layers`` (the last layer of the demo's 2, and of the wide
+model's 4), with ``tive.valuation_max_length`` (examples cut by the pool loader, as the callback
+cuts them) and with both, plus a training step; on random pool batches and on the pool's
+longest-answer examples. It prints per-round (paired) medians of each arm's time over the full
+valuation's, and a JSON line whose ``cost`` key holds them.
 
 Top-level JSON keys are the demo model's ``batched_vs_naive``, ``valuation_vs_training`` and
 ``projector_share`` (kronecker, the configured projector); ``wide`` holds the same keys for the
@@ -68,7 +78,9 @@ sys.path.insert(0, str(ROOT))
 from lightning_tive.data.datamodule import LlavaDataModule  # noqa: E402
 from lightning_tive.data.demo import DemoConfig  # noqa: E402
 from lightning_tive.model import LlavaModule, TinyLlavaConfig, per_example_nll  # noqa: E402
+from lightning_tive.phases import feature_layers, only_differentiating  # noqa: E402
 from lightning_tive.tive.grads import layer_shapes, per_example_grads  # noqa: E402
+from lightning_tive.tive.modes import deterministic_train_mode  # noqa: E402
 from lightning_tive.tive.projection import Projector, RademacherProjector, build_projector  # noqa: E402
 from lightning_tive.tive_config import ReferenceLora  # noqa: E402
 
@@ -531,6 +543,156 @@ def loader_ms_per_example(dm: LlavaDataModule, pool_batches: list[np.ndarray], r
     return 1e3 * statistics.median(times) / sum(len(i) for i in pool_batches)
 
 
+# ---------------------------------------------------------------------------- cheaper valuation (--cost)
+def smallest_safe_cut(dm: LlavaDataModule, indices: np.ndarray) -> int:
+    """The shortest `valuation_max_length` that leaves every example of `indices` an answer token."""
+    return int(dm.pool_answer_starts(indices).max()) + 1
+
+
+def cost_batch_sets(dm: LlavaDataModule, batch_size: int, count: int, seed: int) -> dict[str, dict]:
+    """A random pool sample, and the pool's longest-answer examples, each cut into batches by decreasing
+    length as the callback's valuation cuts its chunks; each with the cut it is timed at.
+
+    The cut is half the set's longest example, raised to the smallest that keeps every answer (a cut
+    that empties an answer is refused by the callback).
+    """
+    lengths = np.asarray(dm.pool_lengths)
+    answers = lengths - dm.pool_answer_starts(np.arange(dm.pool_size))
+    members = {
+        "pool": np.random.default_rng(seed).choice(dm.pool_size, batch_size * count, replace=False),
+        "long_answers": np.argsort(-answers, kind="stable")[: batch_size * count],
+    }
+    out = {}
+    for name, chosen in members.items():
+        half, safe = int(lengths[chosen].max()) // 2, smallest_safe_cut(dm, chosen)
+        cut = max(half, safe)
+        ordered = chosen[np.argsort(-np.minimum(lengths[chosen], cut), kind="stable")]
+        batches = [ordered[k : k + batch_size] for k in range(0, len(ordered), batch_size)]
+        padded = sum(len(b) * int(lengths[b].max()) for b in batches)
+        padded_cut = sum(len(b) * int(np.minimum(lengths[b], cut).max()) for b in batches)
+        out[name] = {
+            "batches": batches, "cut": cut, "half_of_longest": half, "raised_to_keep_answers": cut > half,
+            "tokens_kept": float(np.minimum(lengths[chosen], cut).sum() / lengths[chosen].sum()),
+            "padded_tokens_kept": padded_cut / padded,
+            "mean_answer_tokens": float(answers[chosen].mean()), "mean_length": float(lengths[chosen].mean()),
+        }
+    return out
+
+
+def cost_arms(spec: ModelSpec, cfg: dict, dm: LlavaDataModule, sets: dict, seed: int) -> tuple[dict, dict]:
+    """(arm name -> timed run, info): valuation with each cheaper setting on each batch set, and training."""
+    module = LlavaModule(tiny=TinyLlavaConfig(**spec.tiny), finetune=spec.finetune)
+    train_module = LlavaModule(tiny=TinyLlavaConfig(**spec.tiny), finetune=spec.finetune)
+    adapter = module.add_reference_adapter(ReferenceLora(**spec.lora), seed)
+    modules = list(cfg["tive"].get("gradient_modules") or ["q_proj", "k_proj", "v_proj", "o_proj"])
+    depth = spec.tiny["num_hidden_layers"]
+    layer_choices = {"all": None, f"last{1}": 1}
+    if depth >= 4:
+        layer_choices[f"last{depth // 2}"] = depth // 2
+    chosen = {k: feature_layers(adapter, modules, v) for k, v in layer_choices.items()}
+    projectors = {k: build_projector("kronecker", spec.proj_dim, seed, layer_shapes(v)) for k, v in chosen.items()}
+    loaded = {
+        name: {
+            "whole": [next(iter(dm.pool_dataloader(b, batch_size=len(b)))) for b in spec_set["batches"]],
+            "cut": [next(iter(dm.pool_dataloader(b, batch_size=len(b), max_length=spec_set["cut"])))
+                    for b in spec_set["batches"]],
+        }
+        for name, spec_set in sets.items()
+    }
+    optimizer = torch.optim.AdamW([p for _, p in train_module.trainable_parameters()], lr=1e-3)
+    train_module.train()
+
+    def value(layers_key: str, batches: list, freeze: bool = True) -> Callable[[], float]:
+        layers, projector = chosen[layers_key], projectors[layers_key]
+
+        def run() -> float:
+            start = time.perf_counter()
+            with deterministic_train_mode(module), only_differentiating(adapter, layers, enabled=freeze):
+                for batch in batches:
+                    grads = per_example_grads(layers, projector, module.per_example_loss, batch)
+                    grads.features.float().cpu().numpy()
+            return time.perf_counter() - start
+
+        return run
+
+    def train(batches: list) -> Callable[[], float]:
+        def run() -> float:
+            start = time.perf_counter()
+            for batch in batches:
+                total, count = per_example_nll(train_module(batch).logits, batch["labels"])
+                (total.sum() / count.sum().clamp(min=1)).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            return time.perf_counter() - start
+
+        return run
+
+    arms: dict[str, Callable[[], float]] = {}
+    for name, data in loaded.items():
+        cut = sets[name]["cut"]
+        arms[f"{name}/full"] = value("all", data["whole"])
+        for key in chosen:
+            if key != "all":
+                arms[f"{name}/gradient_layers={layer_choices[key]}"] = value(key, data["whole"])
+        arms[f"{name}/gradient_layers=1,unfrozen"] = value("last1", data["whole"], freeze=False)
+        arms[f"{name}/valuation_max_length={cut}"] = value("all", data["cut"])
+        arms[f"{name}/both"] = value("last1", data["cut"])
+        arms[f"{name}/train"] = train(data["whole"])
+    for run in arms.values():  # untimed warm-up: allocations, AdamW state, projector matrices
+        run()
+    info = {
+        "layers": depth, "gradient_modules": modules,
+        "feature_dims": {k: sum(o * i for o, i in layer_shapes(v)) for k, v in chosen.items()},
+    }
+    return arms, info
+
+
+def run_cost(args: argparse.Namespace, cfg: dict, dm: LlavaDataModule, specs: dict, batch_size: int) -> dict:
+    """The --cost benchmark: per-round ratios of each cheaper setting's valuation time to the full one's."""
+    seed = int(cfg["tive"].get("seed", 0))
+    count = args.batches if args.batches > 1 else 4
+    sets = cost_batch_sets(dm, batch_size, count, args.seed)
+    rounds = args.rounds or 5
+    result: dict[str, Any] = {"batch_sets": {
+        name: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.items() if k != "batches"}
+        for name, s in sets.items()
+    }}
+    for model in [m.strip() for m in args.models.split(",") if m.strip()]:
+        spec = specs[model]
+        arms, info = cost_arms(spec, cfg, dm, sets, seed)
+        times: dict[str, list[float]] = {name: [] for name in arms}
+        names = list(arms)
+        for r in range(rounds if model == "demo" else max(1, rounds // 2)):
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                gc.collect()
+                times[name].append(arms[name]())
+        table: dict[str, dict] = {}
+        for set_name in sets:
+            full = times[f"{set_name}/full"]
+            rows = {}
+            for name, values in times.items():
+                if name.startswith(set_name + "/"):
+                    rows[name.split("/", 1)[1]] = {
+                        "s_per_round": round(median(values), 4),
+                        "vs_full": round(median([v / f for v, f in zip(values, full, strict=True)]), 3),
+                    }
+            table[set_name] = rows
+        result[model] = {"info": info, "rounds": len(times[names[0]]), "arms": table}
+        print(f"\n== {model}: {info['layers']} decoder layers, features over {info['gradient_modules']} "
+              f"(dims {info['feature_dims']}), kronecker proj_dim {spec.proj_dim}; medians over "
+              f"{len(times[names[0]])} rounds")
+        for set_name, rows in table.items():
+            s = sets[set_name]
+            print(f"   {set_name}: {count} x {batch_size} examples, mean length {s['mean_length']:.1f}, mean answer "
+                  f"{s['mean_answer_tokens']:.1f} tokens; cut {s['cut']} (half the longest: {s['half_of_longest']}"
+                  f"{', raised to keep every answer' if s['raised_to_keep_answers'] else ''}) keeps "
+                  f"{s['tokens_kept']:.3f} of the tokens ({s['padded_tokens_kept']:.3f} of the padded ones)")
+            for arm, row in rows.items():
+                print(f"     {arm:<34}{row['s_per_round']:>9.3f} s   {row['vs_full']:>6.3f} x full")
+    return result
+
+
 def cpu_model() -> str:
     """The CPU model name from /proc/cpuinfo."""
     try:
@@ -573,7 +735,9 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="examples per batch in the batch-of-one loop (default: the whole batch for demo, 8 for wide; quick 16 / 4)",
     )
-    parser.add_argument("--models", default="demo,wide", help="comma-separated subset of demo,wide")
+    parser.add_argument(
+        "--models", default=None, help="comma-separated subset of demo,wide (default: both; with --cost: demo)"
+    )
     parser.add_argument(
         "--wide-finetune",
         choices=["full", "lora"],
@@ -591,6 +755,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--profile", action="store_true", help="after timing, print a torch.profiler summary per arm"
     )
     parser.add_argument("--profile-top", type=int, default=12)
+    parser.add_argument(
+        "--cost", action="store_true",
+        help="time the cheaper-valuation settings (gradient_layers, valuation_max_length) instead, ~1-2 min",
+    )
     args = parser.parse_args(argv)
 
     default_threads = torch.get_num_threads()
@@ -608,6 +776,7 @@ def main(argv: list[str] | None = None) -> dict:
     wide_rounds = args.wide_rounds or (1 if args.quick else 3)
     naive_demo = args.naive_examples or (16 if args.quick else batch_size)
     naive_wide = args.naive_examples or (4 if args.quick else 8)
+    args.models = args.models or ("demo" if args.cost else "demo,wide")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not set(models) <= {"demo", "wide"} or not models:
         parser.error("--models must be a subset of demo,wide")
@@ -652,6 +821,16 @@ def main(argv: list[str] | None = None) -> dict:
         dm.attach_processor(probe.processor)
         dm.setup("fit")
         del probe
+        if args.cost:
+            result = {"cost": run_cost(args, cfg, dm, specs, batch_size)}
+            result["meta"] = {
+                "threads": torch.get_num_threads(), "nproc": os.cpu_count(), "cpu": cpu_model(),
+                "torch": torch.__version__, "batch_size": batch_size,
+                "loadavg_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
+                "wall_s": round(time.perf_counter() - clock, 1),
+            }
+            print(json.dumps(result))
+            return result
         pool_batches = pick_batches(dm, batch_size, args.batches, args.seed)
         loader_ms = loader_ms_per_example(dm, pool_batches)
         benches = [build_bench(specs[m], cfg, dm, pool_batches, int(tive.get("seed", 0))) for m in models]

@@ -38,7 +38,7 @@ class Probe(L.Callback):
 
 
 def run_fit(tmp_path, finetune="lora", max_epochs=1, ckpt_path=None, logger=False, demo=DEMO, precision="32-true",
-            datamodule=None, **tive_kwargs):
+            datamodule=None, callbacks=(), **tive_kwargs):
     settings = dict(
         ratio=0.25, warmup_ratio=0.3, warmup_epochs=1, warmup_lr=1e-3, projector="kronecker", proj_dim=64,
         reference_lora=ReferenceLora(r=4, alpha=8, dropout=0.0), output_dir=str(tmp_path / "tive"), seed=3,
@@ -52,7 +52,8 @@ def run_fit(tmp_path, finetune="lora", max_epochs=1, ckpt_path=None, logger=Fals
     trainer = L.Trainer(
         accelerator="cpu", max_epochs=max_epochs, logger=logger, enable_progress_bar=False, precision=precision,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path,
-        callbacks=[tive, probe, L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+        callbacks=[tive, probe, L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True),
+                   *callbacks],
     )
     trainer.fit(module, dm, ckpt_path=ckpt_path)
     return trainer, tive, probe, dm

@@ -25,7 +25,7 @@ from lightning_tive.data.sampling import (
     rank_batches,
 )
 from lightning_tive.data.tasks import TaskLabeller
-from lightning_tive.data.template import build_template
+from lightning_tive.data.template import IGNORE_INDEX, build_template
 from lightning_tive.paths import default_cache_root
 
 EvalKind = Literal["exact_match", "token_f1", "loss_only"]
@@ -261,6 +261,20 @@ class LlavaDataModule(L.LightningDataModule):
         """Tokens per pool example (image tokens included): balanced valuation shards, length-sorted batches."""
         return self._require_pool().lengths
 
+    def pool_answer_starts(self, indices: Sequence[int]) -> np.ndarray:
+        """Token position of each example's first supervised (answer) token, image tokens included.
+
+        A cut to `max_length` tokens leaves an example no supervised token when its start is >= max_length.
+        """
+        pool = self._require_pool()
+        encoder = self._dataset.encoder
+        starts = np.empty(len(indices), dtype=np.int64)
+        for k, index in enumerate(indices):
+            _, labels = pool.index.encoded(int(pool.rows[int(index)]), encoder.num_image_tokens, encoder.image_token_id)
+            supervised = np.flatnonzero(labels != IGNORE_INDEX)
+            starts[k] = supervised[0] if len(supervised) else len(labels)
+        return starts
+
     def pool_record(self, index: int) -> dict:
         """The LLaVA record at a pool index, with its task filled in."""
         pool = self._require_pool()
@@ -271,13 +285,15 @@ class LlavaDataModule(L.LightningDataModule):
         indices: Sequence[int] | None = None,
         batch_size: int | None = None,
         batches: Sequence[Sequence[int]] | None = None,
+        max_length: int | None = None,
     ) -> DataLoader:
         """A loader over pool indices in the given order; each batch carries `pool_index`.
 
         `batches` gives the exact pool indices of every batch instead (sizes may differ, even be 0).
+        `max_length` cuts each example to its first `max_length` tokens (the prompt first, then the answer).
         """
         pool = self._require_pool()
-        collate = LlavaCollator(self._pad_id())
+        collate = LlavaCollator(self._pad_id(), max_length=max_length)
         if batches is not None:
             return DataLoader(
                 self._dataset,

@@ -214,13 +214,20 @@ class LlavaCollator:
 
     With `generation=True` it adds the left-padded generation prompts of the last answers (tokenized
     on their own, see `encode_conversations`) and the reference answers, for greedy-generation metrics.
+    `max_length` cuts every example to its first `max_length` tokens (TIVE's `valuation_max_length`).
     """
 
     pad_token_id: int
     generation: bool = False
+    max_length: int | None = None
 
     def __call__(self, items: list[dict]) -> dict:
         kept = [item for item in items if not item.get("skipped")]
+        if self.max_length is not None:
+            if self.generation:
+                raise ValueError("generation batches are never truncated: their prompts would lose the answer")
+            kept = [{**item, "input_ids": item["input_ids"][: self.max_length], "labels": item["labels"][: self.max_length]}
+                    for item in kept]
         batch: dict[str, Any] = {
             "pool_index": torch.tensor([item["pool_index"] for item in kept], dtype=torch.long),
             "task_id": torch.tensor([item.get("task_id", -1) for item in kept], dtype=torch.long),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,20 @@ def test_projection_bench_prints_json_last_with_both_projectors(capsys):
     assert figures["ratio_rademacher_over_kronecker"] == pytest.approx(
         figures["rademacher_s_per_example"]["2_layers"] / figures["kronecker_s_per_example"]["2_layers"]
     )
+
+
+def test_valuation_bench_cost_mode_times_every_setting_against_full(capsys, monkeypatch):
+    path = SCRIPT.parent / "bench_valuation.py"
+    spec = importlib.util.spec_from_file_location("bench_valuation", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_valuation", bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    bench.main(["--cost", "--rounds", "1", "--batch-size", "4", "--batches", "2"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["cost"]
+    for name, batch_set in summary["batch_sets"].items():
+        assert batch_set["cut"] >= batch_set["half_of_longest"] and 0 < batch_set["tokens_kept"] <= 1
+        arms = summary["demo"]["arms"][name]
+        assert set(arms) == {"full", "gradient_layers=1", "gradient_layers=1,unfrozen",
+                             f"valuation_max_length={batch_set['cut']}", "both", "train"}
+        assert arms["full"]["vs_full"] == 1.0 and all(a["s_per_round"] > 0 for a in arms.values())
+    assert summary["demo"]["info"]["feature_dims"] == {"all": 32768, "last1": 16384}
