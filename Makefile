@@ -35,5 +35,6 @@ demo: $(STAGE1_CKPT)
 smoke: $(VENV)/.installed
 	$(PY) -m lightning_tive fit --config configs/demo.yaml --config configs/smoke.yaml --overwrite true
 
+# Tests run in parallel, one worker per core up to 4 (each worker takes 1-3 GB; multi-process tests start more).
 test: $(VENV)/.installed
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --maxprocesses 4
