@@ -78,7 +78,7 @@ sys.path.insert(0, str(ROOT))
 from lightning_tive.data.datamodule import LlavaDataModule  # noqa: E402
 from lightning_tive.data.demo import DemoConfig  # noqa: E402
 from lightning_tive.model import LlavaModule, TinyLlavaConfig, per_example_nll  # noqa: E402
-from lightning_tive.phases import feature_layers, only_differentiating  # noqa: E402
+from lightning_tive.reference_adapter import feature_layers, only_differentiating  # noqa: E402
 from lightning_tive.tive.grads import layer_shapes, per_example_grads  # noqa: E402
 from lightning_tive.tive.modes import deterministic_train_mode  # noqa: E402
 from lightning_tive.tive.projection import Projector, RademacherProjector, build_projector  # noqa: E402

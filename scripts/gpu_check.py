@@ -481,7 +481,7 @@ def value_fn(module: Any, layers: list, projector: Any, batch: dict, forward_con
 
 def feature_layers(adapter: list, gradient_modules: Sequence[str]) -> list:
     """The reference adapter's layers whose gradients become features (`tive.gradient_modules`)."""
-    from lightning_tive.phases import lora_module_of
+    from lightning_tive.reference_adapter import lora_module_of
 
     return [(name, layer) for name, layer in adapter if lora_module_of(name) in gradient_modules]
 

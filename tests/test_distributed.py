@@ -111,7 +111,7 @@ class TwoProcessView:
 
 
 def test_a_mismatched_saved_adapter_is_refused_by_every_process_before_any_weight_moves(tmp_path):
-    from lightning_tive.phases import load_adapter
+    from lightning_tive.reference_adapter import load_adapter
 
     layer = torch.nn.Linear(2, 3, bias=False)
     torch.save({"another.adapter": torch.zeros(3, 2)}, tmp_path / "adapter.pt")

@@ -8,7 +8,7 @@ from fit_helpers import DEMO
 
 from lightning_tive.distributed import Collectives
 from lightning_tive.model import LlavaModule, TinyLlavaConfig
-from lightning_tive.phases import adapter_state, reference_model, tensor_digest
+from lightning_tive.reference_adapter import adapter_state, reference_model, tensor_digest
 from lightning_tive.sharding import full, is_dtensor
 from lightning_tive.tive_config import ReferenceLora, TIVEConfig
 

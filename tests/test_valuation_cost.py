@@ -21,7 +21,8 @@ from fit_helpers import BATCH, DEMO, run_fit
 from lightning_tive.data.datamodule import LlavaDataModule
 from lightning_tive.data.dataset import LlavaCollator
 from lightning_tive.model import LlavaModule, TinyLlavaConfig
-from lightning_tive.phases import ReferencePhases, feature_layers, only_differentiating
+from lightning_tive.phases import ReferencePhases
+from lightning_tive.reference_adapter import feature_layers, only_differentiating
 from lightning_tive.tive.grads import layer_shapes, per_example_grads
 from lightning_tive.tive.projection import build_projector
 from lightning_tive.tive_config import ATTENTION_MODULES, ReferenceLora, TIVEConfig
