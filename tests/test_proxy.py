@@ -162,3 +162,43 @@ def test_the_demo_proxy_overlay_parses(tmp_path):
     proxy = tive.config.reference_model
     assert proxy["tiny"]["hidden_size"] < TinyLlavaConfig().hidden_size
     check_same_tokenisation(cli.model, build_reference_model(proxy, "cpu"))
+
+
+def test_a_proxy_values_unsharded_while_fsdp2_shards_the_main_model(tmp_path):
+    """One process under FSDP2Strategy (the CLI, in a subprocess: FSDP2 sets up its own process group)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "fsdp.yaml").write_text(
+        "trainer:\n  strategy:\n    class_path: lightning_tive.sharding.FSDP2Strategy\n  logger: false\n"
+        "  limit_train_batches: 2\n  limit_val_batches: 0\n"
+    )
+    files = [ROOT / "configs" / f for f in ("demo.yaml", "smoke.yaml", "demo_proxy.yaml")] + [tmp_path / "fsdp.yaml"]
+    args = [a for f in files for a in ("--config", str(f))]
+    done = subprocess.run(
+        [sys.executable, "-m", "lightning_tive", "fit", *args, "--trainer.default_root_dir", str(tmp_path / "run"),
+         "--torch_threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "valuing the pool with the proxy reference model" in done.stderr + done.stdout
+    summary = json.loads((tmp_path / "run" / "tive" / "summary.json").read_text())
+    assert summary["settings"]["reference_model"]["tiny"]["hidden_size"] == 64 and summary["selected"] == 40
+    assert "proxy_build_s" in summary["timings_s"] and (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_a_sharded_main_model_gets_no_reserved_adapter_with_a_proxy(monkeypatch):
+    from types import SimpleNamespace
+
+    import lightning_tive.callback as callback
+
+    monkeypatch.setattr(callback, "is_sharded", lambda strategy: True)
+    monkeypatch.setattr(callback, "data_parallel_mesh", lambda mesh: mesh)
+    module = LlavaModule.__new__(LlavaModule)
+    reserved = []
+    module.reserve_reference_adapter = lambda *a: reserved.append(a)
+    trainer = SimpleNamespace(strategy=SimpleNamespace(device_mesh=None), datamodule=None)
+    monkeypatch.setattr(callback, "SUPPORTED_STRATEGIES", ("SimpleNamespace",))
+    callback.TIVESelectionCallback(reference_model=PROXY).setup(trainer, module, "fit")
+    assert reserved == []
+    callback.TIVESelectionCallback().setup(trainer, module, "fit")  # without a proxy the adapter is reserved
+    assert len(reserved) == 1
