@@ -18,6 +18,13 @@ from lightning_tive.distributed import Collectives
 from lightning_tive.feature_folder import check_cost_settings, open_features
 from lightning_tive.phases import ReferencePhases
 from lightning_tive.protocols import DATA_MEMBERS, MODEL_METHODS, TIVEData, TIVEModel, missing_members
+from lightning_tive.proxy import (
+    build_reference_model,
+    check_same_tokenisation,
+    describe_model,
+    release_device_memory,
+)
+from lightning_tive.reference_adapter import unchanged_weights
 from lightning_tive.sharding import STRATEGY_HELP, data_parallel_mesh, is_sharded
 from lightning_tive.strategies import select_subset
 from lightning_tive.tive.values import instance_values
@@ -64,7 +71,7 @@ class TIVESelectionCallback(Callback):
             )
         if is_sharded(trainer.strategy):
             data_parallel_mesh(trainer.strategy.device_mesh)  # refuses tensor parallelism
-            if self.config.needs_gradients and self.config.features_from is None:
+            if self.config.needs_gradients and self.config.features_from is None and self.config.reference_model is None:
                 # FSDP2 cannot add parameters after sharding: the adapter exists, frozen and inactive, before
                 # configure_model shards the model, and the warm-up activates it.
                 if not hasattr(pl_module, "reserve_reference_adapter"):
@@ -165,7 +172,7 @@ class TIVESelectionCallback(Callback):
                 return None, timings, run
             comm = Collectives(1, 0, comm.device)  # process 0 reads the whole folder alone
         else:
-            valuation = ReferencePhases(self.config, trainer, module, datamodule).run(out)
+            valuation = self._reference_phases(trainer, module, datamodule, out, comm)
             source, indices, timings = valuation.store, valuation.indices, valuation.timings
             run.update(adapter_sha256=valuation.adapter_sha256, valued_now=valuation.valued_now)
             tokens = comm.sum(torch.tensor([valuation.padding["real"], valuation.padding["padded"]], dtype=torch.float64))
@@ -179,6 +186,25 @@ class TIVESelectionCallback(Callback):
         values = comm.gather_by_index(pool, indices, columns)
         timings["values_s"] = time.perf_counter() - clock
         return values, timings, run
+
+    def _reference_phases(self, trainer: L.Trainer, module: Any, datamodule: Any, out: Path, comm: Collectives) -> Any:
+        """Warm-up and valuation on the main model, or on the proxy `reference_model` (built here, dropped after)."""
+        if self.config.reference_model is None:
+            return ReferencePhases(self.config, trainer, module, datamodule).run(out)
+        device = trainer.strategy.root_device
+        clock = time.perf_counter()
+        proxy = build_reference_model(self.config.reference_model, device, trainer.precision_plugin)
+        built_s = time.perf_counter() - clock
+        check_same_tokenisation(module, proxy)
+        rank_zero_info(f"[tive] valuing the pool with the proxy reference model ({describe_model(proxy)})")
+        # The proxy is one whole copy per process, never wrapped: it runs the unsharded (DDP-style) path,
+        # whatever shards the main model. The main model must come out bit for bit as it went in.
+        with unchanged_weights(module, comm, "valuation with the proxy reference model"):
+            valuation = ReferencePhases(self.config, trainer, proxy, datamodule, sharded=False).run(out)
+        valuation.timings["proxy_build_s"] = built_s
+        del proxy  # the last reference: its memory goes back before the main training
+        release_device_memory(device)
+        return valuation
 
     def _swap(self, trainer: L.Trainer, datamodule: Any) -> None:
         self._swapped = (trainer, datamodule)

@@ -69,10 +69,11 @@ class Valuation:
 class ReferencePhases:
     """Warm-up and valuation of the reference model for one fit."""
 
-    def __init__(self, config: TIVEConfig, trainer: Any, module: Any, datamodule: Any) -> None:
+    def __init__(self, config: TIVEConfig, trainer: Any, module: Any, datamodule: Any, sharded: bool | None = None) -> None:
         self.config, self.trainer, self.module, self.datamodule = config, trainer, module, datamodule
         self.comm = Collectives.of(trainer)
-        self.sharded = is_sharded(trainer.strategy)
+        # Whether `module` is sharded: by default the strategy's; a proxy reference model never is.
+        self.sharded = is_sharded(trainer.strategy) if sharded is None else sharded
         self._spare: dict | None = None  # a loaded batch, for a sharded process with nothing to run
         # Tokens per pool example when the DataModule knows them: balanced shards, length-sorted batches.
         lengths = getattr(datamodule, "pool_lengths", None)

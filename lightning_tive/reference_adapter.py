@@ -29,23 +29,31 @@ def reference_model(module: Any, config: TIVEConfig, comm: Collectives) -> Itera
     shard by shard on their own process; `comm` makes the verdict the same on every process.
     """
     extra = list(module.projector_parameters())
-    before = trainable_digests(module, extra)
     was_training = module.training
     saved = [(p, p.detach().clone(), p.requires_grad) for p in extra]
-    adapter = module.add_reference_adapter(config.reference_lora, config.seed)
-    try:
-        yield adapter, extra
-    finally:
-        module.remove_reference_adapter()
-        with torch.no_grad():
-            for param, value, flag in saved:
-                param.copy_(value)
-                param.requires_grad_(flag)
-        module.train(was_training)
+    with unchanged_weights(module, comm, "the warm-up"):
+        adapter = module.add_reference_adapter(config.reference_lora, config.seed)
+        try:
+            yield adapter, extra
+        finally:
+            module.remove_reference_adapter()
+            with torch.no_grad():
+                for param, value, flag in saved:
+                    param.copy_(value)
+                    param.requires_grad_(flag)
+            module.train(was_training)
+
+
+@contextlib.contextmanager
+def unchanged_weights(module: Any, comm: Collectives, what: str) -> Iterator[None]:
+    """Refuse (on every process) a block that changed the main model's trainable or projector weights, bit for bit."""
+    extra = list(module.projector_parameters())
+    before = trainable_digests(module, extra)
+    yield
     after = trainable_digests(module, extra)
     changed = sorted(before[k][0] for k in before if before[k][1] != after.get(k, (None, None))[1])[:5]
     if comm.any(bool(changed)):
-        raise RuntimeError(f"the warm-up changed the main model's trainable weights (e.g. {changed or 'on another process'})")
+        raise RuntimeError(f"{what} changed the main model's trainable weights (e.g. {changed or 'on another process'})")
 
 
 def feature_layers(adapter: list, modules: list[str], last_layers: int | None) -> list:

@@ -26,7 +26,7 @@ NEEDS_GRADIENTS = tuple(s for s in STRATEGIES if s not in ("random", "length")) 
 FEATURE_FIELDS = (
     "warmup_ratio", "warmup_epochs", "warmup_lr", "warmup_projector_lr", "warmup_grad_clip", "warmup_loss",
     "warmup_batch_size", "reference_lora", "gradient_modules", "projector", "proj_dim", "seed",
-    "valuation_max_length", "gradient_layers",
+    "valuation_max_length", "gradient_layers", "reference_model",
 )
 # Feature settings that make valuation cheaper; `features_from` refuses a store valued with others.
 COST_FIELDS = ("valuation_max_length", "gradient_layers")
@@ -75,6 +75,9 @@ class TIVEConfig:
         warmup_batch_size: global warm-up batch size, split over the processes (default: the
             DataModule's batch size times the number of processes).
         reference_lora: the reference adapter's LoRA settings.
+        reference_model: a proxy model that is warmed up and values the pool instead of the main model,
+            given as the `model:` section's arguments (e.g. a smaller LLaVA with the same tokenizer);
+            valuation then costs about one proxy training step per example; null: the main model.
         gradient_modules: the reference adapter's modules whose LoRA weights the features are taken
             over (authors: the attention ones, `'self_attn' in name`); a subset of its target modules.
         projector: `kronecker` (structured, never forms the full gradient), `rademacher` (dense ±1,
@@ -113,6 +116,7 @@ class TIVEConfig:
     warmup_loss: Literal["token_mean", "example_mean"] = "token_mean"
     warmup_batch_size: PositiveInt | None = None
     reference_lora: ReferenceLora = field(default_factory=ReferenceLora)
+    reference_model: dict[str, Any] | None = None
     gradient_modules: list[str] = field(default_factory=lambda: list(ATTENTION_MODULES))
     projector: Literal["kronecker", "rademacher", "identity"] = "kronecker"
     proj_dim: PositiveInt = 8192
@@ -136,6 +140,11 @@ class TIVEConfig:
         _check_types(self, "tive")
         _check_types(self.reference_lora, "tive.reference_lora")
         self.gradient_modules, self.exclude_tasks = list(self.gradient_modules), list(self.exclude_tasks)
+        if self.reference_model is not None:  # a bad key fails here, before any model is built
+            from lightning_tive.proxy import check_reference_model
+
+            self.reference_model = _plain(self.reference_model)
+            check_reference_model(self.reference_model)
         outside = sorted(set(self.gradient_modules) - set(self.reference_lora.target_modules))
         if not self.gradient_modules or outside:
             raise ValueError(
@@ -169,6 +178,17 @@ def _check_types(settings: Any, prefix: str) -> None:
 
 
 _INVALID = object()
+
+
+def _plain(value: Any) -> Any:
+    """Nested mappings and lists as plain dicts and lists (jsonargparse may hand over Namespaces)."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _coerce(kind: Any, value: Any) -> Any:
