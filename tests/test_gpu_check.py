@@ -26,6 +26,7 @@ SCRIPT_IMPORTS = [
     "lightning_tive.model.adapters",
     "lightning_tive.callback",
     "lightning_tive.phases",
+    "lightning_tive.reference_adapter",
     "lightning_tive.sharding",
     "lightning_tive.distributed",
     "lightning_tive.tive_config",
