@@ -102,7 +102,7 @@ def describe_model(module: Any) -> str:
     from lightning_tive.model.init_from import BUILD_SOURCE_KEYS
 
     hparams = dict(getattr(module, "hparams", {}))
-    shown = {k: hparams[k] for k in BUILD_SOURCE_KEYS if hparams.get(k) not in (None, 0)}
+    shown = {k: hparams[k] for k in (*BUILD_SOURCE_KEYS, "language_model_layers") if hparams.get(k) not in (None, 0)}
     return ", ".join(f"{k}={v}" for k, v in shown.items()) or type(module).__name__
 
 

@@ -42,6 +42,8 @@ class LlavaSource:
     torch_dtype: TorchDtype | None = None
     init_seed: int = 0
     init_from: str | None = None
+    #: Keep only the first N decoder layers of the language model once built and `init_from` is loaded.
+    language_model_layers: int | None = None
 
     def __post_init__(self) -> None:
         composed = self.composed
@@ -67,6 +69,11 @@ class LlavaSource:
             )
         if self.torch_dtype not in (None, "bfloat16", "float16", "float32"):
             raise ValueError(f"model.torch_dtype must be bfloat16|float16|float32, got {self.torch_dtype!r}")
+        if self.language_model_layers is not None and (
+            isinstance(self.language_model_layers, bool) or not isinstance(self.language_model_layers, int)
+            or self.language_model_layers < 1
+        ):
+            raise ValueError(f"model.language_model_layers must be a positive integer, got {self.language_model_layers!r}")
         if isinstance(self.tiny, dict):
             self.tiny = TinyLlavaConfig(**self.tiny)
         if isinstance(self.vision_config, dict):
@@ -203,6 +210,7 @@ class LlavaBuilder:
             model = self._compose_from_parts(processor)
         if src.init_from is not None:
             load_init_weights(model, src.init_from, src.settings())
+        keep_first_layers(model, src.language_model_layers)
         if quant is None or src.pretrained is not None:
             return model
         # 4-bit loading goes through from_pretrained; a temporary folder makes it one code path.
@@ -228,9 +236,10 @@ class LlavaBuilder:
         dtype = src.load_dtype() or torch.float32
         with torch.device("meta"):
             if src.pretrained is not None:
-                return LlavaForConditionalGeneration._from_config(AutoConfig.from_pretrained(src.pretrained), dtype=dtype)
+                model = LlavaForConditionalGeneration._from_config(AutoConfig.from_pretrained(src.pretrained), dtype=dtype)
+                return keep_first_layers(model, src.language_model_layers)
             if src.tiny is not None:
-                return self._tiny(processor)
+                return keep_first_layers(self._tiny(processor), src.language_model_layers)
             lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(self.language_model_dir()), dtype=dtype)
             resize_embeddings(lm, len(processor.tokenizer))
             if src.vision_config is not None:
@@ -243,7 +252,7 @@ class LlavaBuilder:
             model.lm_head = lm.lm_head
             model.model.multi_modal_projector.to(dtype)
         model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-        return model
+        return keep_first_layers(model, src.language_model_layers)
 
     def _tiny(self, processor: Any) -> Any:
         from transformers import LlamaConfig, LlavaForConditionalGeneration
@@ -309,6 +318,26 @@ class LlavaBuilder:
         eos = lm.generation_config.eos_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id if eos is None else eos
         return model
+
+
+def keep_first_layers(model: Any, layers: int | None) -> Any:
+    """Cut LLaVA's language model to its first `layers` decoder layers (None: keep all); returns the model.
+
+    A shallower copy of the same LM shares its tokenizer, embeddings and kept weights, so it can value
+    the pool for the full model (`tive.reference_model`) at a fraction of the cost.
+    """
+    if layers is None:
+        return model
+    decoder = model.model.language_model
+    total = len(decoder.layers)
+    if layers > total:
+        raise ValueError(f"model.language_model_layers={layers} exceeds the language model's {total} decoder layers")
+    decoder.layers = decoder.layers[:layers]
+    for config in {id(c): c for c in (decoder.config, model.config.text_config)}.values():
+        config.num_hidden_layers = layers
+        if getattr(config, "layer_types", None) is not None:
+            config.layer_types = list(config.layer_types[:layers])
+    return model
 
 
 def llava_config(processor: Any, vision_config: Any, text_config: Any) -> Any:

@@ -72,6 +72,9 @@ class LlavaModule(FSDPMixin, ReferenceAdapterMixin, EvaluationMixin, L.Lightning
             so a rebuild from a checkpoint gives the same frozen weights.
         init_from: a checkpoint written by `fit` (e.g. a stage-1 run) whose weights replace the built
             ones before fine-tuning starts; it must come from the same build source (checked).
+        language_model_layers: keep only the first N decoder layers of the language model, after
+            `init_from` loads (None: all). Meant for a cheaper proxy in `tive.reference_model`: the same
+            LM, shallower, with the main model's tokenizer and stage-1 weights.
     """
 
     def __init__(
@@ -97,11 +100,12 @@ class LlavaModule(FSDPMixin, ReferenceAdapterMixin, EvaluationMixin, L.Lightning
         val_max_new_tokens: int = 16,
         init_seed: int = 0,
         init_from: str | None = None,
+        language_model_layers: int | None = None,
     ):
         super().__init__()
         source = LlavaSource(
             pretrained, language_model, vision_tower, projector_path, gguf_file, vision_config, tiny, tokenizer,
-            torch_dtype, init_seed, init_from,
+            torch_dtype, init_seed, init_from, language_model_layers,
         )
         if finetune not in FINETUNE_MODES:
             raise ValueError(f"model.finetune must be full|lora|qlora, got {finetune!r}")
