@@ -13,7 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lightning_tive.experiment.cost import agreement, read_selection, shallow_reference, tive_overrides
+from lightning_tive.experiment.cost import (
+    agreement,
+    read_selection,
+    shallow_reference,
+    tive_overrides,
+    top_overlap,
+    top_overlap_chance,
+)
 from lightning_tive.experiment.protocol import PRESETS
 from lightning_tive.proxy import check_reference_model
 from lightning_tive.report import write_tasks_csv, write_values_csv
@@ -42,6 +49,12 @@ def brute_spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(np.argsort(np.argsort(x)), np.argsort(np.argsort(y)))[0, 1])
 
 
+def brute_top(values: np.ndarray, task: np.ndarray, name: str, k: int) -> set[int]:
+    """The task's k highest values (non-finite last, ties to the lower index), by sorting tuples."""
+    ranked = sorted((v if np.isfinite(v) else -np.inf, -i, i) for i, v in enumerate(values) if task[i] == name)
+    return {i for _, _, i in ranked[::-1][:k]}
+
+
 def test_agreement_matches_brute_force(tmp_path):
     rng = np.random.default_rng(0)
     task = np.array([TASKS[i % 3] for i in range(60)])
@@ -57,7 +70,24 @@ def test_agreement_matches_brute_force(tmp_path):
     assert got["budget_l1"] == pytest.approx((3 + 3 + 0) / 10)
     assert got["overlap"] == pytest.approx(sum(common.values()) / 10)
     same = agreement(read_selection(tmp_path / "full"), read_selection(tmp_path / "full"))
-    assert same == {"spearman": pytest.approx(1.0), "budget_l1": 0.0, "overlap": 1.0}
+    assert same == {"spearman": pytest.approx(1.0), "budget_l1": 0.0, "overlap": 1.0, "top_overlap": 1.0}
+
+
+def test_top_overlap_matches_brute_force_and_its_chance_level(tmp_path):
+    rng = np.random.default_rng(2)
+    task = np.array([TASKS[i % 3] for i in range(90)])
+    budgets = {"a": 7, "b": 3, "c": 0}
+    full = write_selection(tmp_path / "full", rng, task, budgets)
+    mine = write_selection(tmp_path / "mine", rng, task, {"a": 1, "b": 9, "c": 2})
+    shared = sum(len(brute_top(mine["values"], task, t, k) & brute_top(full["values"], task, t, k))
+                 for t, k in budgets.items())
+    got = top_overlap(read_selection(tmp_path / "mine"), read_selection(tmp_path / "full"))
+    assert got == pytest.approx(shared / 10)
+    # values drawn at random: the mean over many draws approaches the stated chance level
+    selection = read_selection(tmp_path / "full")
+    draws = [top_overlap({**selection, "value": rng.normal(size=90)}, selection) for _ in range(3000)]
+    assert np.mean(draws) == pytest.approx(top_overlap_chance(selection), abs=0.01)
+    assert top_overlap_chance(selection) == pytest.approx((7 * 7 / 30 + 3 * 3 / 30) / 10)
 
 
 def test_selections_over_other_pools_are_refused(tmp_path):
@@ -101,5 +131,12 @@ def test_quick_cost_run_writes_the_table_from_its_own_folders(tmp_path):
     assert "language_model_layers" in json.dumps(summary)  # the proxy is named in the run's own summary
     assert rows["tive"]["minus_tive"] is None and rows["tive_proxy"]["minus_tive"]["per_seed"] == [
         rows["tive_proxy"]["relative"][0] - rows["tive"]["relative"][0]]
+    # --rewrite makes the same files from the saved runs, running nothing
+    before = (tmp_path / "cost.json").read_text()
+    (tmp_path / "cost.json").unlink()
+    again = subprocess.run([sys.executable, "-m", "lightning_tive", "experiment", "--preset", "cost", "--rewrite",
+                            "--work", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert (tmp_path / "cost.json").read_text() == before and not (tmp_path / "seed1").exists()
     md = (tmp_path / "cost.md").read_text()
     assert "| tive_cheap |" in md and (tmp_path / "cost.png").stat().st_size > 0 and (tmp_path / "cost_arms.md").exists()

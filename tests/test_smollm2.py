@@ -265,6 +265,36 @@ tive:
     record_property("stage2_s", stage2_s)
     record_property("valuation_s_per_example", timings["valuation_s"] / pool)
 
+    # SmolLM2 as a proxy for itself, cut to its first 4 layers, from the same stage-1 weights
+    proxy_dir = tmp_path / "proxy"
+    proxy = fit_config("smollm2.yaml", proxy_dir, f"""
+trainer:
+  {quiet}
+  max_epochs: 1
+  default_root_dir: {proxy_dir}
+model:
+  language_model: {smollm2_gguf.parent}
+  init_from: {ckpt}
+data:
+  demo: {json.dumps(SMOKE_STAGE2)}
+tive:
+  warmup_epochs: 1
+  reference_model:
+    language_model: {smollm2_gguf.parent}
+    gguf_file: {smollm2_gguf.name}
+    vision_config: {json.dumps(stage2.model.hparams["vision_config"])}
+    init_from: {ckpt}
+    finetune: lora
+    language_model_layers: 4
+""")
+    adapter = torch.load(proxy_dir / "tive" / "reference_adapter.pt", map_location="cpu", weights_only=True)
+    layers = {int(k.split(".layers.")[1].split(".")[0]) for k in adapter if ".layers." in k and "vision" not in k}
+    assert layers == {0, 1, 2, 3}  # the warm-up trained the proxy's 4 layers, not the main model's 30
+    proxied = json.loads((proxy_dir / "tive" / "summary.json").read_text())
+    assert proxied["selected"] == summary["selected"] and "language_model_layers" in json.dumps(proxied)
+    assert len(proxy.model.llava.model.language_model.layers) == 30  # the main model trained whole, on the subset
+    assert len(proxy.datamodule.train_indices) == summary["selected"] and proxy.trainer.global_step >= 1
+
 
 # ---------------------------------------------------------------- errors (no network needed)
 

@@ -6,8 +6,9 @@ arm's values.csv and tasks.csv next to the same seed's `tive` ones and reports:
 - cost: valuation (and warm-up + valuation) seconds / one full-pool training epoch of the same seed's
   `full` arm, and the select-then-train total / `full`'s training, same epochs, same machine;
 - agreement with full valuation: Spearman of instance values within each task (mean over tasks), the
-  L1 distance of the task budgets (sum |b - b_full| / B: 0 same, 2 disjoint) and the multiset overlap
-  of the subsets (sum min(times, times_full) / B);
+  L1 distance of the task budgets (sum |b - b_full| / B: 0 same, 2 disjoint), the overlap of each task's
+  top-budget examples by value, and the multiset overlap of the drawn subsets (sum min(times,
+  times_full) / B);
 - the held-out relative score, paired with `random` and with `tive` on the same seed.
 Two reference rows frame the agreement: `random` (chance) and `tive` against the next seed's `tive`
 (what another warm-up seed alone changes).
@@ -64,8 +65,39 @@ def read_selection(folder: Path) -> dict:
     }
 
 
+def top_overlap(mine: dict, full: dict) -> float:
+    """Share of full valuation's top-budget examples per task that `mine`'s values also rank in its top budget.
+
+    Unlike the drawn subsets, this compares the values alone: two arms on one seed share their selection
+    draw, so at a high temperature their subsets coincide whatever their values (random's row shows it).
+    """
+    if not np.isfinite(mine["value"]).any():
+        return float("nan")
+    shared = total = 0
+    for task, budget in full["budgets"].items():
+        rows = np.flatnonzero(full["task"] == task)
+        k = min(budget, len(rows))
+        if k == 0:
+            continue
+        tops = []
+        for values in (mine["value"][rows], full["value"][rows]):
+            ordered = np.argsort(-np.where(np.isfinite(values), values, -np.inf), kind="stable")
+            tops.append(set(rows[ordered[:k]].tolist()))
+        shared += len(tops[0] & tops[1])
+        total += k
+    return shared / max(total, 1)
+
+
+def top_overlap_chance(full: dict) -> float:
+    """Expected `top_overlap` of values drawn at random: per task k / n, weighted by k."""
+    total = sum(min(b, int((full["task"] == t).sum())) for t, b in full["budgets"].items())
+    expected = sum(min(b, n) ** 2 / n for t, b in full["budgets"].items() if (n := int((full["task"] == t).sum())))
+    return expected / max(total, 1)
+
+
 def agreement(mine: dict, full: dict) -> dict:
-    """Spearman of instance values within tasks (mean), task-budget L1 / B, and subset overlap, against `full`."""
+    """Against `full`: Spearman of instance values within tasks (mean), task-budget L1 / B, the drawn
+    subsets' overlap, and the overlap of the top-budget examples by value."""
     if mine["ids"] != full["ids"]:
         raise ValueError("the two selections are over different pools (their values.csv ids differ)")
     rhos = []
@@ -77,7 +109,8 @@ def agreement(mine: dict, full: dict) -> dict:
     l1 = sum(abs(mine["budgets"].get(t, 0) - b) for t, b in full["budgets"].items()) / budget
     rho = float(np.nanmean(rhos)) if rhos and np.isfinite(rhos).any() else float("nan")
     return {"spearman": rho, "budget_l1": float(l1),
-            "overlap": float(np.minimum(mine["times"], full["times"]).sum() / max(full["times"].sum(), 1))}
+            "overlap": float(np.minimum(mine["times"], full["times"]).sum() / max(full["times"].sum(), 1)),
+            "top_overlap": top_overlap(mine, full) if np.isfinite(mine["value"]).any() else top_overlap_chance(full)}
 
 
 def paired(runs: list[dict], name: str, against: str) -> dict:
@@ -115,7 +148,8 @@ def cost_rows(runs: list[dict], work: Path, settings: dict[str, dict], epochs: i
                 "total_per_full": sum(sec.values()) / full["seconds"]["training_s"], **agree,
             })
         row = {"arm": name, "per_seed": per_seed}
-        for key in ("valuation_per_epoch", "reference_per_epoch", "total_per_full", "spearman", "budget_l1", "overlap"):
+        for key in ("valuation_per_epoch", "reference_per_epoch", "total_per_full", "spearman", "budget_l1", "overlap",
+                    "top_overlap"):
             values = [p.get(key, np.nan) for p in per_seed]
             row[key] = [float(np.nanmean(values)), float(np.nanstd(values))] if np.isfinite(values).any() else None
         full_scores = {r["seed"]: task_scores(r["metrics"]) for r in runs if r["arm"] == "full"}
@@ -141,8 +175,9 @@ def table_lines(rows: list[dict], settings: dict[str, dict]) -> list[str]:
     """The one table: cost, agreement with full valuation, held-out score and its paired differences."""
     lines = [
         "| arm | setting | valuation / full-pool epoch | warm-up + valuation / epoch | select-then-train / full | "
-        "Spearman within tasks | budget L1 / B | subset overlap | relative to full (%) | − random | − tive |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "Spearman within tasks | budget L1 / B | top-budget overlap | drawn-subset overlap | relative to full (%) | "
+        "− random | − tive |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         setting = json.dumps(settings.get(row["arm"], {}), separators=(", ", ": ")) if row["arm"] in settings else ""
@@ -152,7 +187,7 @@ def table_lines(rows: list[dict], settings: dict[str, dict]) -> list[str]:
         lines.append(
             f"| {row['arm']} | {setting} | {_cell(row['valuation_per_epoch'])} | {_cell(row['reference_per_epoch'])} | "
             f"{_cell(row['total_per_full'])} | {_cell(row['spearman'])} | {_cell(row['budget_l1'])} | "
-            f"{_cell(row['overlap'])} | {rel.mean():.1f} ± {rel.std():.1f} | {_diff(row['minus_random'])} | "
+            f"{_cell(row['top_overlap'])} | {_cell(row['overlap'])} | {rel.mean():.1f} ± {rel.std():.1f} | {_diff(row['minus_random'])} | "
             f"{_diff(row['minus_tive'])} |"
         )
     return lines
@@ -163,7 +198,7 @@ def write_cost(out: Path, stem: str, rows: list[dict], settings: dict[str, dict]
     (out / f"{stem}.json").write_text(json.dumps(json_safe({"meta": meta, "settings": settings, "rows": rows}), indent=1) + "\n")
     path = out / f"{stem}.md"
     previous = path.read_text() if path.exists() else ""
-    protocol = previous.split(RESULTS_HEADING, 1)[0] if RESULTS_HEADING in previous else f"# {stem}\n\n"
+    protocol = previous.split(RESULTS_HEADING, 1)[0] if RESULTS_HEADING in previous else previous or f"# {stem}\n\n"
     reading = previous.split(READING_MARK, 1)[1] if READING_MARK in previous else "\n## Reading\n\n(to be written)\n"
     lines = [
         RESULTS_HEADING, "",
@@ -172,8 +207,12 @@ def write_cost(out: Path, stem: str, rows: list[dict], settings: dict[str, dict]
         "Mean ± std over seeds; differences are paired by seed, in relative points, with their 95% t-interval.", "",
         *table_lines(rows, settings), "",
         "Cost columns divide by the same seed's `full` arm (one full-pool epoch = its training seconds / epochs). "
-        "Agreement is with the same seed's `tive` arm (full valuation); `random` gives chance, `tive`'s own row "
-        "the change from another seed's warm-up and selection draw.", "",
+        "Agreement is with the same seed's `tive` arm (full valuation); `tive`'s own row is against the next "
+        "seed's `tive` (another warm-up seed and draw). Top-budget overlap: per task, the share of full "
+        "valuation's top-budget examples by value that the arm's values also rank in the top budget (`random`'s "
+        "row: its expectation for random values). Drawn-subset overlap: the selected multisets' overlap; arms on "
+        "one seed share the selection's random stream, so at a high temperature it is high whatever the values "
+        "(`random`'s row shows how high).", "",
     ]
     path.write_text(protocol + "\n".join(lines) + "\n" + READING_MARK + reading)
     plot_cost(out / f"{stem}.png", rows)
@@ -189,15 +228,16 @@ def plot_cost(path: Path, rows: list[dict]) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), constrained_layout=True)
     for row in rows:
         x = row["valuation_per_epoch"][0] if row["valuation_per_epoch"] else 0.0
-        if row["overlap"]:
-            axes[0].errorbar(x, row["overlap"][0], yerr=row["overlap"][1], fmt="o", capsize=3)
-            axes[0].annotate(row["arm"], (x, row["overlap"][0]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        if row["top_overlap"]:
+            axes[0].errorbar(x, row["top_overlap"][0], yerr=row["top_overlap"][1], fmt="o", capsize=3)
+            axes[0].annotate(row["arm"], (x, row["top_overlap"][0]), textcoords="offset points", xytext=(4, 4),
+                             fontsize=8)
         rel = np.asarray(row["relative"], dtype=np.float64)
         axes[1].errorbar(x, rel.mean(), yerr=rel.std(), fmt="o", capsize=3)
         axes[1].annotate(row["arm"], (x, rel.mean()), textcoords="offset points", xytext=(4, 4), fontsize=8)
     axes[0].axhline(0.8, color="gray", lw=0.8, ls="--")
     axes[0].set_xlabel("valuation / one full-pool training epoch")
-    axes[0].set_ylabel("subset overlap with full valuation")
+    axes[0].set_ylabel("top-budget overlap with full valuation")
     axes[1].set_xlabel("valuation / one full-pool training epoch")
     axes[1].set_ylabel("held-out score, % of full data")
     fig.savefig(path, dpi=110)

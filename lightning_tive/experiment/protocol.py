@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -135,6 +136,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the preset's; 1 is safe on a shared machine)")
     parser.add_argument("--work", default=None, help="scratch folder for the runs (default: runs/experiment[_<preset>])")
     parser.add_argument("--out", default=None, help="where the results go (default: docs/, or --work with --quick)")
+    parser.add_argument("--rewrite", action="store_true",
+                        help="write the results files again from --work's runs.json (a finished experiment), run nothing")
     args = parser.parse_args(argv)
     args.preset_name = args.preset
     preset = args.preset = PRESETS[args.preset]
@@ -202,6 +205,15 @@ def run_arms(work: Path, ckpt: Path, args: argparse.Namespace) -> list[dict]:
 def main(argv: list[str] | None = None) -> dict:
     """Stage 1, every arm for every seed, the equal-compute arms, then the results files."""
     args = parse_args(argv)
+    record = None
+    if args.rewrite:  # the results files again from a finished experiment's runs, nothing rerun
+        saved = Path(args.work) / "runs.json"
+        if not saved.is_file():
+            raise SystemExit(f"--rewrite reads {saved}, written when an experiment finishes; there is none")
+        record = json.loads(saved.read_text())
+        out, work = args.out, args.work
+        args = parse_args(shlex.split(record["command"]))  # the settings the runs were made with
+        args.out, args.work = out or args.out, work
     preset = args.preset
     import torch
 
@@ -209,10 +221,15 @@ def main(argv: list[str] | None = None) -> dict:
     warnings.filterwarnings("ignore")
     os.environ.setdefault("WANDB_MODE", "disabled")
     work = Path(args.work)
-    started = time.perf_counter()
-    ckpt, stage1_s = run_stage1(work, args)
-    runs = run_arms(work, ckpt, args)
-    wall = (time.perf_counter() - started) / 60
+    if record is not None:
+        runs, stage1_s, wall, command = record["runs"], record["stage1_s"], record["wall_min"], record["command"]
+    else:
+        started = time.perf_counter()
+        ckpt, stage1_s = run_stage1(work, args)
+        runs = run_arms(work, ckpt, args)
+        wall = (time.perf_counter() - started) / 60
+        command = " ".join(argv if argv is not None else sys.argv[1:])
+        (work / "runs.json").write_text(json.dumps({"runs": runs, "stage1_s": stage1_s, "wall_min": wall, "command": command}))
     arms = summarise_arms(runs)
     out = Path(args.out) if args.out else (work if args.quick else ROOT / "docs")
     out.mkdir(parents=True, exist_ok=True)
@@ -227,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "relative": "mean over tasks of score / full's score, same seed, tasks with full > 0"}
     meta = {"protocol": protocol, "seeds": args.seeds, "epochs": args.epochs, "wall_min": wall, "threads": args.threads,
             "held_out": held_out, "results": preset.results, "stage1_s": stage1_s, "budgets": first_tive["tasks"] if first_tive else [],
-            "command": " ".join(argv if argv is not None else sys.argv[1:])}
+            "command": command}
     # A cost preset's own files hold the table; the usual per-arm results go next to them as <results>_arms.
     write_results(out, arms, meta | {"results": f"{preset.results}_arms"} if preset.settings else meta)
     if preset.settings:
