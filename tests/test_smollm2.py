@@ -203,6 +203,25 @@ def fit_config(config: str, folder: Path, overlay: str):
     return run_cli(["fit", "--config", str(REPO / "configs" / config), "--config", str(folder / "overlay.yaml")])
 
 
+def stage2_overlay(folder: Path, trainer: str, gguf: Path, ckpt: Path) -> str:
+    """configs/smollm2.yaml shrunk to the smoke mixture, from stage 1's checkpoint; ends inside `tive:`."""
+    import json
+
+    return f"""
+trainer:
+  {trainer}
+  max_epochs: 1
+  default_root_dir: {folder}
+model:
+  language_model: {gguf.parent}
+  init_from: {ckpt}
+data:
+  demo: {json.dumps(SMOKE_STAGE2)}
+tive:
+  warmup_epochs: 1
+"""
+
+
 @pytest.mark.slow
 def test_tive_selects_then_trains_through_the_smollm2_configs(smollm2_gguf, tmp_path, record_property):
     """configs/smollm2_stage1.yaml, then configs/smollm2.yaml from its checkpoint, each shrunk by an overlay."""
@@ -227,19 +246,7 @@ data:
     assert trained and all(".vision_tower." in n or ".multi_modal_projector." in n for n in trained)
 
     start = time.perf_counter()
-    stage2 = fit_config("smollm2.yaml", stage2_dir, f"""
-trainer:
-  {quiet}
-  max_epochs: 1
-  default_root_dir: {stage2_dir}
-model:
-  language_model: {smollm2_gguf.parent}
-  init_from: {ckpt}
-data:
-  demo: {json.dumps(SMOKE_STAGE2)}
-tive:
-  warmup_epochs: 1
-""")
+    stage2 = fit_config("smollm2.yaml", stage2_dir, stage2_overlay(stage2_dir, quiet, smollm2_gguf, ckpt))
     stage2_s = time.perf_counter() - start
     out = stage2_dir / "tive"
     assert [name for name in TIVE_FILES if not (out / name).exists()] == []
@@ -267,18 +274,7 @@ tive:
 
     # SmolLM2 as a proxy for itself, cut to its first 4 layers, from the same stage-1 weights
     proxy_dir = tmp_path / "proxy"
-    proxy = fit_config("smollm2.yaml", proxy_dir, f"""
-trainer:
-  {quiet}
-  max_epochs: 1
-  default_root_dir: {proxy_dir}
-model:
-  language_model: {smollm2_gguf.parent}
-  init_from: {ckpt}
-data:
-  demo: {json.dumps(SMOKE_STAGE2)}
-tive:
-  warmup_epochs: 1
+    proxy = fit_config("smollm2.yaml", proxy_dir, stage2_overlay(proxy_dir, quiet, smollm2_gguf, ckpt) + f"""
   reference_model:
     language_model: {smollm2_gguf.parent}
     gguf_file: {smollm2_gguf.name}
