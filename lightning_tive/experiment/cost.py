@@ -230,8 +230,8 @@ def plot_cost(path: Path, rows: list[dict]) -> None:
         x = row["valuation_per_epoch"][0] if row["valuation_per_epoch"] else 0.0
         if row["top_overlap"]:
             axes[0].errorbar(x, row["top_overlap"][0], yerr=row["top_overlap"][1], fmt="o", capsize=3)
-            axes[0].annotate(row["arm"], (x, row["top_overlap"][0]), textcoords="offset points", xytext=(4, 4),
-                             fontsize=8)
+            label = "tive (vs another seed's)" if row["arm"] == "tive" else row["arm"]
+            axes[0].annotate(label, (x, row["top_overlap"][0]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         rel = np.asarray(row["relative"], dtype=np.float64)
         axes[1].errorbar(x, rel.mean(), yerr=rel.std(), fmt="o", capsize=3)
         axes[1].annotate(row["arm"], (x, rel.mean()), textcoords="offset points", xytext=(4, 4), fontsize=8)
