@@ -99,10 +99,10 @@ def tokenisation(processor: Any) -> dict[str, Any]:
 
 def describe_model(module: Any) -> str:
     """A model named by its build source: `tiny={...}, tokenizer=demo`, `pretrained=...`, or its LM and tower."""
-    from lightning_tive.model.init_from import BUILD_SOURCE_KEYS
+    from lightning_tive.model.init_from import BUILD_KEYS
 
     hparams = dict(getattr(module, "hparams", {}))
-    shown = {k: hparams[k] for k in (*BUILD_SOURCE_KEYS, "language_model_layers") if hparams.get(k) not in (None, 0)}
+    shown = {k: hparams[k] for k in BUILD_KEYS if hparams.get(k) not in (None, 0)}
     return ", ".join(f"{k}={v}" for k, v in shown.items()) or type(module).__name__
 
 

@@ -121,6 +121,12 @@ def test_quick_cost_run_writes_the_table_from_its_own_folders(tmp_path):
     table = json.loads((tmp_path / "cost.json").read_text())
     rows = {row["arm"]: row for row in table["rows"]}
     assert set(rows) == {"random", "tive", "length_normalised", *PRESETS["cost"].settings}
+    runs = {r["name"]: r for r in json.loads((tmp_path / "runs.json").read_text())["runs"]}
+    epoch_s = runs["full"]["seconds"]["training_s"]  # --quick trains one epoch
+    for name in ("tive", "tive_proxy", "tive_cheap"):
+        seconds = runs[name]["seconds"]
+        assert rows[name]["valuation_per_epoch"][0] == pytest.approx(seconds["valuation_s"] / epoch_s)
+        assert rows[name]["total_per_full"][0] == pytest.approx(sum(seconds.values()) / epoch_s)
     full = read_selection(tmp_path / "seed0" / "tive" / "tive")
     for name in ("tive_proxy", "tive_cheap", "random"):
         expected = agreement(read_selection(tmp_path / "seed0" / name / "tive"), full)

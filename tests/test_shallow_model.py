@@ -46,6 +46,17 @@ def test_a_rebuild_from_the_saved_hyper_parameters_is_cut_the_same_way():
     assert all(torch.equal(state[k], rebuilt[k]) for k in state)
 
 
+def test_the_skeleton_of_a_cut_model_has_its_names_and_shapes():
+    """A later process builds the skeleton and receives process 0's weights by name: both must be cut alike."""
+    from lightning_tive.model.build import LlavaBuilder, LlavaSource
+
+    builder = LlavaBuilder(LlavaSource(tiny=TINY, language_model_layers=2))
+    processor = builder.processor()
+    real, skeleton = builder.model(processor, quantize_4bit=False), builder.skeleton(processor)
+    assert {k: v.shape for k, v in skeleton.state_dict().items()} == {k: v.shape for k, v in real.state_dict().items()}
+    assert skeleton.config.text_config.num_hidden_layers == 2
+
+
 def test_more_layers_than_the_model_has_is_refused_naming_both():
     with pytest.raises(ValueError, match=r"language_model_layers=5 exceeds the language model's 3 decoder layers"):
         built(5)

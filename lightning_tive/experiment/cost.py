@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from lightning_tive.experiment.results import READING_MARK, RESULTS_HEADING
+from lightning_tive.experiment.results import RESULTS_HEADING, write_keeping_protocol_and_reading
 from lightning_tive.experiment.stats import interval, json_safe, relative, spearman, task_scores
 
 #: `reference_layers: N` in a setting: the main model's own config, cut to its first N LM layers, as proxy.
@@ -70,9 +70,10 @@ def top_overlap(mine: dict, full: dict) -> float:
 
     Unlike the drawn subsets, this compares the values alone: two arms on one seed share their selection
     draw, so at a high temperature their subsets coincide whatever their values (random's row shows it).
+    A selection without values (`random`) gets the expectation for random values, `top_overlap_chance`.
     """
     if not np.isfinite(mine["value"]).any():
-        return float("nan")
+        return top_overlap_chance(full)
     shared = total = 0
     for task, budget in full["budgets"].items():
         rows = np.flatnonzero(full["task"] == task)
@@ -90,9 +91,9 @@ def top_overlap(mine: dict, full: dict) -> float:
 
 def top_overlap_chance(full: dict) -> float:
     """Expected `top_overlap` of values drawn at random: per task k / n, weighted by k."""
-    total = sum(min(b, int((full["task"] == t).sum())) for t, b in full["budgets"].items())
-    expected = sum(min(b, n) ** 2 / n for t, b in full["budgets"].items() if (n := int((full["task"] == t).sum())))
-    return expected / max(total, 1)
+    sizes = {t: int((full["task"] == t).sum()) for t in full["budgets"]}
+    picks = {t: min(b, sizes[t]) for t, b in full["budgets"].items()}
+    return sum(k * k / sizes[t] for t, k in picks.items() if k) / max(sum(picks.values()), 1)
 
 
 def agreement(mine: dict, full: dict) -> dict:
@@ -110,15 +111,12 @@ def agreement(mine: dict, full: dict) -> dict:
     rho = float(np.nanmean(rhos)) if rhos and np.isfinite(rhos).any() else float("nan")
     return {"spearman": rho, "budget_l1": float(l1),
             "overlap": float(np.minimum(mine["times"], full["times"]).sum() / max(full["times"].sum(), 1)),
-            "top_overlap": top_overlap(mine, full) if np.isfinite(mine["value"]).any() else top_overlap_chance(full)}
+            "top_overlap": top_overlap(mine, full)}
 
 
-def paired(runs: list[dict], name: str, against: str) -> dict:
+def paired(relative_of: dict, name: str, against: str, seeds: list[int]) -> dict:
     """Per-seed differences of relative score (`name` - `against`) with their mean and 95% interval."""
-    full = {r["seed"]: task_scores(r["metrics"]) for r in runs if r["arm"] == "full"}
-    score = {r["seed"]: relative(task_scores(r["metrics"]), full[r["seed"]]) for r in runs if r["name"] in (name,)}
-    other = {r["seed"]: relative(task_scores(r["metrics"]), full[r["seed"]]) for r in runs if r["name"] == against}
-    diffs = [score[s] - other[s] for s in sorted(score) if s in other]
+    diffs = [relative_of[(name, s)] - relative_of[(against, s)] for s in seeds if (against, s) in relative_of]
     mean, low, high = interval(diffs) if diffs else (float("nan"),) * 3
     return {"per_seed": diffs, "mean": mean, "ci95": [low, high]}
 
@@ -127,35 +125,42 @@ def cost_rows(runs: list[dict], work: Path, settings: dict[str, dict], epochs: i
     """One row per arm (`random`, `tive`, each setting, `length_normalised` when run): cost, agreement, score."""
     by = {(r["name"], r["seed"]): r for r in runs}
     seeds = sorted({r["seed"] for r in runs if r["name"] == "tive"})
-    names = [n for n in ("random", "tive", *settings, "length_normalised") if any(r["name"] == n for r in runs)]
+    full_scores = {s: task_scores(by[("full", s)]["metrics"]) for s in seeds}
+    relative_of = {(r["name"], r["seed"]): relative(task_scores(r["metrics"]), full_scores[r["seed"]])
+                   for r in runs if r["seed"] in full_scores}
+    selections: dict[tuple[str, int], dict] = {}
+
+    def selection(name: str, seed: int) -> dict:
+        if (name, seed) not in selections:
+            selections[(name, seed)] = read_selection(work / f"seed{seed}" / name / "tive")
+        return selections[(name, seed)]
+
+    names = [n for n in ("random", "tive", *settings, "length_normalised") if (n, seeds[0]) in by]
     rows = []
     for name in names:
         per_seed = []
         for seed in seeds:
-            run, full = by[(name, seed)], by[("full", seed)]
-            epoch_s = full["seconds"]["training_s"] / epochs
-            sec = run["seconds"]
-            mine = read_selection(work / f"seed{seed}" / name / "tive")
+            full_s = by[("full", seed)]["seconds"]["training_s"]
+            sec = by[(name, seed)]["seconds"]
             if name == "tive":  # the noise floor: the next seed's full valuation, same pool
                 nxt = seeds[(seeds.index(seed) + 1) % len(seeds)]
-                other = read_selection(work / f"seed{nxt}" / "tive" / "tive") if nxt != seed else None
-                agree = agreement(mine, other) if other and other["ids"] == mine["ids"] else {}
+                same_pool = nxt != seed and selection("tive", nxt)["ids"] == selection(name, seed)["ids"]
+                agree = agreement(selection(name, seed), selection("tive", nxt)) if same_pool else {}
             else:
-                agree = agreement(mine, read_selection(work / f"seed{seed}" / "tive" / "tive"))
+                agree = agreement(selection(name, seed), selection("tive", seed))
             per_seed.append({
-                "seed": seed, "valuation_per_epoch": sec["valuation_s"] / epoch_s,
-                "reference_per_epoch": (sec["warmup_s"] + sec["valuation_s"]) / epoch_s,
-                "total_per_full": sum(sec.values()) / full["seconds"]["training_s"], **agree,
+                "seed": seed, "valuation_per_epoch": sec["valuation_s"] / (full_s / epochs),
+                "reference_per_epoch": (sec["warmup_s"] + sec["valuation_s"]) / (full_s / epochs),
+                "total_per_full": sum(sec.values()) / full_s, **agree,
             })
         row = {"arm": name, "per_seed": per_seed}
         for key in ("valuation_per_epoch", "reference_per_epoch", "total_per_full", "spearman", "budget_l1", "overlap",
                     "top_overlap"):
             values = [p.get(key, np.nan) for p in per_seed]
             row[key] = [float(np.nanmean(values)), float(np.nanstd(values))] if np.isfinite(values).any() else None
-        full_scores = {r["seed"]: task_scores(r["metrics"]) for r in runs if r["arm"] == "full"}
-        row["relative"] = [relative(task_scores(by[(name, s)]["metrics"]), full_scores[s]) for s in seeds]
-        row["minus_random"] = paired(runs, name, "random") if name != "random" else None
-        row["minus_tive"] = paired(runs, name, "tive") if name not in ("random", "tive") else None
+        row["relative"] = [relative_of[(name, s)] for s in seeds]
+        row["minus_random"] = paired(relative_of, name, "random", seeds) if name != "random" else None
+        row["minus_tive"] = paired(relative_of, name, "tive", seeds) if name not in ("random", "tive") else None
         rows.append(row)
     return rows
 
@@ -196,10 +201,6 @@ def table_lines(rows: list[dict], settings: dict[str, dict]) -> list[str]:
 def write_cost(out: Path, stem: str, rows: list[dict], settings: dict[str, dict], meta: dict) -> None:
     """<stem>.json, <stem>.md (protocol above `## Results` and the reading kept) and <stem>.png."""
     (out / f"{stem}.json").write_text(json.dumps(json_safe({"meta": meta, "settings": settings, "rows": rows}), indent=1) + "\n")
-    path = out / f"{stem}.md"
-    previous = path.read_text() if path.exists() else ""
-    protocol = previous.split(RESULTS_HEADING, 1)[0] if RESULTS_HEADING in previous else previous or f"# {stem}\n\n"
-    reading = previous.split(READING_MARK, 1)[1] if READING_MARK in previous else "\n## Reading\n\n(to be written)\n"
     lines = [
         RESULTS_HEADING, "",
         f"Produced by `python -m lightning_tive experiment {meta['command']}` in {meta['wall_min']:.1f} min on this "
@@ -214,7 +215,7 @@ def write_cost(out: Path, stem: str, rows: list[dict], settings: dict[str, dict]
         "one seed share the selection's random stream, so at a high temperature it is high whatever the values "
         "(`random`'s row shows how high).", "",
     ]
-    path.write_text(protocol + "\n".join(lines) + "\n" + READING_MARK + reading)
+    write_keeping_protocol_and_reading(out / f"{stem}.md", "\n".join(lines), new_file_title=f"# {stem}\n\n")
     plot_cost(out / f"{stem}.png", rows)
 
 

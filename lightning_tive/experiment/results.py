@@ -26,12 +26,16 @@ def write_results(out: Path, arms: dict, meta: dict) -> None:
     stem = meta["results"]
     payload = {"protocol": meta["protocol"], "seeds": meta["seeds"], "arms": arms, "wall_min": meta["wall_min"]}
     (out / f"{stem}.json").write_text(json.dumps(json_safe(payload), indent=1) + "\n")
-    path = out / f"{stem}.md"
-    previous = path.read_text() if path.exists() else ""
+    write_keeping_protocol_and_reading(out / f"{stem}.md", "\n".join(results_lines(arms, meta)) + "\n")
+    plot_results(out / f"{stem}.png", arms)
+
+
+def write_keeping_protocol_and_reading(path: Path, results: str, new_file_title: str = "") -> None:
+    """Replace a results file's `## Results` section, keeping the protocol above it and the reading below its marker."""
+    previous = path.read_text() if path.exists() else new_file_title
     protocol = previous.split(RESULTS_HEADING, 1)[0] if RESULTS_HEADING in previous else previous
     reading = previous.split(READING_MARK, 1)[1] if READING_MARK in previous else "\n## Reading\n\n(to be written)\n"
-    path.write_text(protocol + "\n".join(results_lines(arms, meta)) + "\n\n" + READING_MARK + reading)
-    plot_results(out / f"{stem}.png", arms)
+    path.write_text(protocol + results + "\n" + READING_MARK + reading)
 
 
 def results_lines(arms: dict, meta: dict) -> list[str]:

@@ -224,6 +224,9 @@ class LlavaBuilder:
         Same modules, names and shapes as `model()`; dtypes may differ where a checkpoint's stored dtype
         decides them (the caller aligns them with a real build's).
         """
+        return keep_first_layers(self._whole_skeleton(processor), self.source.language_model_layers)
+
+    def _whole_skeleton(self, processor: Any) -> Any:
         from transformers import (
             AutoConfig,
             AutoModelForCausalLM,
@@ -236,10 +239,9 @@ class LlavaBuilder:
         dtype = src.load_dtype() or torch.float32
         with torch.device("meta"):
             if src.pretrained is not None:
-                model = LlavaForConditionalGeneration._from_config(AutoConfig.from_pretrained(src.pretrained), dtype=dtype)
-                return keep_first_layers(model, src.language_model_layers)
+                return LlavaForConditionalGeneration._from_config(AutoConfig.from_pretrained(src.pretrained), dtype=dtype)
             if src.tiny is not None:
-                return keep_first_layers(self._tiny(processor), src.language_model_layers)
+                return self._tiny(processor)
             lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(self.language_model_dir()), dtype=dtype)
             resize_embeddings(lm, len(processor.tokenizer))
             if src.vision_config is not None:
@@ -252,7 +254,7 @@ class LlavaBuilder:
             model.lm_head = lm.lm_head
             model.model.multi_modal_projector.to(dtype)
         model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-        return keep_first_layers(model, src.language_model_layers)
+        return model
 
     def _tiny(self, processor: Any) -> Any:
         from transformers import LlamaConfig, LlavaForConditionalGeneration

@@ -20,6 +20,9 @@ BUILD_SOURCE_KEYS = (
     "pretrained", "language_model", "gguf_file", "vision_tower", "vision_config", "projector_path", "tiny", "tokenizer",
     "init_seed",
 )
+#: What names a build: its source, and the cut (`language_model_layers`), which init_from does not compare
+#: because a cut model loads the same checkpoint's weights as the whole one.
+BUILD_KEYS = (*BUILD_SOURCE_KEYS, "language_model_layers")
 
 
 def _with_defaults(key: str, value: Any) -> Any:
